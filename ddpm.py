@@ -1,0 +1,645 @@
+"""tiny-diffusion: denoising diffusion probabilistic models (Ho et al. 2020) in one file.
+
+    python ddpm.py --dataset dino            # train, then look at exps/base/images/
+
+Where things live (equation numbers are those of the DDPM paper, arXiv:2006.11239):
+  NoiseScheduler.add_noise     forward process q(x_t | x_0)                  eq. 4
+  NoiseScheduler.q_posterior   posterior q(x_{t-1} | x_t, x_0)               eq. 6-7
+  train()                      the loss || eps - eps_theta(x_t, t) ||^2     eq. 14 (Algorithm 1)
+  NoiseScheduler.step          one ancestral reverse step                    eq. 11 (Algorithm 2)
+  NoiseScheduler.ddim_step     one DDIM step (Song et al. 2021, eq. 12)
+  sample()                     the reverse process, for DDPM and DDIM alike
+
+Every tensor of data may have any shape [B, ...]: the schedule's per-timestep
+coefficients are broadcast over the trailing dimensions.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import datasets
+import metrics
+import plotting
+from checkpoints import CheckpointError, atomic_save, atomic_save_npy, atomic_write_text, load_checkpoint
+from positional_embeddings import make_embedding
+
+# ---------------------------------------------------------------------------------------
+# The noise schedule, the forward process and the reverse steps
+# ---------------------------------------------------------------------------------------
+
+SCHEDULES = ("linear", "quadratic", "cosine", "sigmoid")
+PREDICTIONS = ("epsilon", "x0", "v")
+SAMPLERS = ("ddpm", "ddim")
+
+
+def default_beta_range(num_timesteps):
+    """DDPM's betas 1e-4 .. 0.02 were chosen for T = 1000. Rescaled by 1000 / T (as Improved
+    DDPM does) they end in pure noise for any T; with T = 50 the unscaled classic range
+    stops at alpha_bar_T = 0.60, far from the N(0, I) that sampling starts from."""
+    scale = 1000 / num_timesteps
+    return min(1e-4 * scale, 0.5), min(0.02 * scale, 0.999)
+
+
+def make_betas(schedule, num_timesteps, beta_start, beta_end):
+    T = num_timesteps
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if schedule == "quadratic":  # linear in sqrt(beta)
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+    if schedule == "sigmoid":
+        return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
+    if schedule == "cosine":  # Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2)
+        s = 0.008
+        steps = torch.arange(T + 1, dtype=torch.float64) / T
+        alpha_bar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    raise ValueError(f"unknown beta schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+
+
+class NoiseScheduler:
+    """The variance schedule beta_1..beta_T and everything derived from it.
+
+    Timesteps are 0-based here: t = 0 .. T-1 stands for the paper's 1 .. T.
+    """
+
+    def __init__(self, num_timesteps=50, beta_schedule="linear", beta_start=None, beta_end=None,
+                 prediction="epsilon", clip_sample=None, device="cpu"):
+        if beta_start is None or beta_end is None:
+            default_start, default_end = default_beta_range(num_timesteps)
+            beta_start = default_start if beta_start is None else beta_start
+            beta_end = default_end if beta_end is None else beta_end
+        self.num_timesteps = num_timesteps
+        self.prediction = prediction
+        self.clip_sample = clip_sample  # clamp predicted x0 to [-c, c] when sampling (images)
+
+        # computed in float64, stored in float32
+        betas = make_betas(beta_schedule, num_timesteps, beta_start, beta_end)
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)                       # alpha_bar_t
+        alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)  # alpha_bar_{t-1}, 1 at t=0
+
+        def buffer(x):
+            return x.to(device=device, dtype=torch.float32)
+
+        self.betas = buffer(betas)
+        self.alphas = buffer(alphas)
+        self.alphas_cumprod = buffer(alphas_cumprod)
+        self.alphas_cumprod_prev = buffer(alphas_cumprod_prev)
+        self.sqrt_alphas_cumprod = buffer(alphas_cumprod.sqrt())
+        self.sqrt_one_minus_alphas_cumprod = buffer((1 - alphas_cumprod).sqrt())
+        # eq. 7: posterior mean = coef1 * x_0 + coef2 * x_t, variance = beta_tilde_t
+        self.posterior_mean_coef1 = buffer(betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod))
+        self.posterior_mean_coef2 = buffer((1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod))
+        self.posterior_variance = buffer(betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod))
+
+    @classmethod
+    def from_config(cls, config, device="cpu"):
+        return cls(config["num_timesteps"], config["beta_schedule"], config.get("beta_start"),
+                   config.get("beta_end"), config.get("prediction", "epsilon"),
+                   1.0 if datasets.is_image_dataset(config["dataset"]) else None, device)
+
+    @staticmethod
+    def _at(coefficients, t, x):
+        """coefficients[t] shaped [B, 1, 1, ...] to broadcast against x [B, ...]."""
+        return coefficients[t].reshape(-1, *([1] * (x.dim() - 1)))
+
+    # -- forward process -----------------------------------------------------------------
+    def add_noise(self, x_start, noise, t):
+        """Sample q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), eq. 4."""
+        return (self._at(self.sqrt_alphas_cumprod, t, x_start) * x_start
+                + self._at(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+
+    def reconstruct_x0(self, x_t, t, noise):
+        """Invert eq. 4: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+        return ((x_t - self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * noise)
+                / self._at(self.sqrt_alphas_cumprod, t, x_t))
+
+    def q_posterior(self, x_start, x_t, t):
+        """Mean and variance of q(x_{t-1} | x_t, x_0), eq. 6-7."""
+        mean = (self._at(self.posterior_mean_coef1, t, x_t) * x_start
+                + self._at(self.posterior_mean_coef2, t, x_t) * x_t)
+        return mean, self._at(self.posterior_variance, t, x_t)
+
+    # -- what the network predicts ---------------------------------------------------------
+    def training_target(self, x_start, noise, t):
+        """The regression target of the network for the chosen parameterisation."""
+        if self.prediction == "epsilon":
+            return noise
+        if self.prediction == "x0":
+            return x_start
+        # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022)
+        return (self._at(self.sqrt_alphas_cumprod, t, x_start) * noise
+                - self._at(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start)
+
+    def predict_x0_and_eps(self, model_output, x_t, t):
+        """Both x_0 and eps implied by the network's output at (x_t, t)."""
+        sqrt_ab = self._at(self.sqrt_alphas_cumprod, t, x_t)
+        sqrt_1m_ab = self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        if self.prediction == "epsilon":
+            eps = model_output
+            x0 = (x_t - sqrt_1m_ab * eps) / sqrt_ab
+        elif self.prediction == "x0":
+            x0 = model_output
+            eps = (x_t - sqrt_ab * x0) / sqrt_1m_ab
+        else:
+            x0 = sqrt_ab * x_t - sqrt_1m_ab * model_output
+            eps = sqrt_1m_ab * x_t + sqrt_ab * model_output
+        if self.clip_sample is not None:
+            x0 = x0.clamp(-self.clip_sample, self.clip_sample)
+            eps = (x_t - sqrt_ab * x0) / sqrt_1m_ab
+        return x0, eps
+
+    # -- reverse process ---------------------------------------------------------------------
+    def step(self, model_output, t, x_t, noise):
+        """One ancestral step x_t -> x_{t-1} (Algorithm 2): a draw from the posterior
+        q(x_{t-1} | x_t, x_0) with x_0 predicted by the network; no noise at t = 0.
+        With epsilon-prediction this is eq. 11 written through x_0."""
+        x0, _ = self.predict_x0_and_eps(model_output, x_t, t)
+        mean, variance = self.q_posterior(x0, x_t, t)
+        return mean + variance.sqrt() * noise  # variance is 0 at t = 0
+
+    def ddim_step(self, model_output, t, prev_t, x_t, eta, noise):
+        """One DDIM step x_t -> x_{prev_t} (Song et al. 2021, eq. 12), prev_t < t; prev_t = -1
+        means x_0. eta = 0 is deterministic; eta = 1 with prev_t = t - 1 is the DDPM step."""
+        x0, eps = self.predict_x0_and_eps(model_output, x_t, t)
+        alpha_bar = self._at(self.alphas_cumprod, t, x_t)
+        alpha_bar_prev = (self._at(self.alphas_cumprod, prev_t, x_t) if prev_t[0] >= 0
+                          else torch.ones_like(alpha_bar))
+        # eq. 16: sigma_t(eta)
+        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+        direction = (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps
+        return alpha_bar_prev.sqrt() * x0 + direction + sigma * noise
+
+    def inference_timesteps(self, num_inference_steps=None):
+        """Descending timesteps to visit: all T, or num_inference_steps evenly spaced."""
+        n = self.num_timesteps if num_inference_steps is None else num_inference_steps
+        return torch.linspace(self.num_timesteps - 1, 0, n, dtype=torch.float64).round().long().tolist()
+
+
+@torch.no_grad()
+def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None, eta=0.0,
+           generator=None, device="cpu", labels=None, guidance_scale=1.0, trajectory=False):
+    """Run the reverse process from x_T ~ N(0, I) of `shape` [B, ...] and return x_0.
+
+    sampler "ddpm" walks all T steps with `step` (num_inference_steps must be None or T);
+    "ddim" walks num_inference_steps with `ddim_step` and its eta. With `labels` [B] the model
+    is class-conditional and guidance_scale w mixes eps = eps_null + w (eps_label - eps_null)
+    (classifier-free guidance, Ho & Salimans 2022). trajectory=True returns every x_t too.
+    """
+    if sampler == "ddpm" and num_inference_steps not in (None, scheduler.num_timesteps):
+        raise ValueError("the ddpm sampler walks every timestep; use --sampler ddim for fewer steps")
+    x = torch.randn(shape, generator=generator, device=device)
+    steps = [x] if trajectory else None
+    timesteps = scheduler.inference_timesteps(num_inference_steps)
+    for i, t in enumerate(timesteps):
+        t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
+        model_output = model_prediction(model, x, t_batch, labels, guidance_scale)
+        noise = torch.randn(shape, generator=generator, device=device) if t > 0 else torch.zeros_like(x)
+        if sampler == "ddpm":
+            x = scheduler.step(model_output, t_batch, x, noise)
+        else:
+            prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            prev_batch = torch.full((shape[0],), prev_t, device=device, dtype=torch.long)
+            x = scheduler.ddim_step(model_output, t_batch, prev_batch, x, eta, noise)
+        if trajectory:
+            steps.append(x)
+    return torch.stack(steps) if trajectory else x
+
+
+def model_prediction(model, x, t, labels=None, guidance_scale=1.0):
+    if labels is None:
+        return model(x, t)
+    if guidance_scale == 1.0:
+        return model(x, t, labels)
+    null = torch.full_like(labels, model.null_label)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+    conditional, unconditional = out.chunk(2)
+    return unconditional + guidance_scale * (conditional - unconditional)
+
+
+# ---------------------------------------------------------------------------------------
+# The network
+# ---------------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.linear = nn.Linear(size, size)
+
+    def forward(self, x):  # a residual block: x + GELU(Linear(x))
+        return x + F.gelu(self.linear(x))
+
+
+class MLP(nn.Module):
+    """Predicts the noise in 2D points: embed x, y and t, concatenate, then an MLP."""
+
+    def __init__(self, hidden_size=128, hidden_layers=3, embedding_size=128, num_timesteps=50,
+                 time_embedding="sinusoidal", input_embedding="sinusoidal"):
+        super().__init__()
+        # sinusoidal input embeddings with scale 25 are Fourier features of the coordinates
+        self.input_embedding_x = make_embedding(input_embedding, embedding_size, scale=25.0)
+        self.input_embedding_y = make_embedding(input_embedding, embedding_size, scale=25.0)
+        self.time_embedding = make_embedding(time_embedding, embedding_size, max_value=num_timesteps)
+        in_size = (self.input_embedding_x.output_size + self.input_embedding_y.output_size
+                   + self.time_embedding.output_size)
+        layers = [nn.Linear(in_size, hidden_size), nn.GELU()]
+        layers += [Block(hidden_size) for _ in range(hidden_layers)]
+        layers.append(nn.Linear(hidden_size, 2))
+        self.joint_mlp = nn.Sequential(*layers)
+
+    def forward(self, x, t):  # x: [B, 2], t: [B] -> [B, 2]
+        features = torch.cat([self.input_embedding_x(x[:, 0]), self.input_embedding_y(x[:, 1]),
+                              self.time_embedding(t)], dim=-1)
+        return self.joint_mlp(features)
+
+
+def build_model(config):
+    """The network described by a config dict (as saved in config.json)."""
+    if datasets.is_image_dataset(config["dataset"]):
+        import unet
+        return unet.build_unet(config)
+    return MLP(config["hidden_size"], config["hidden_layers"], config["embedding_size"],
+               config["num_timesteps"], config["time_embedding"], config["input_embedding"])
+
+
+def build_scheduler(config, device="cpu"):
+    return NoiseScheduler.from_config(config, device)
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------
+
+class StopRequest:
+    """Turns SIGINT / SIGTERM into a flag the training loop checks after each step."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    return name
+
+
+def ema_decay_at(step, decay):
+    """EMA warm-up: average over roughly the first `step` updates until that exceeds 1/(1-decay)."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def train(config, exp_dir, resume=False, log=print):
+    """Train a diffusion model as `config` says, writing every output to `exp_dir`.
+
+    Returns a dict with the final score, floor and timing. Writes a checkpoint every
+    `checkpoint_every` epochs and on SIGINT/SIGTERM, and resumes from one if `resume`.
+    """
+    start_time = time.time()
+    device = pick_device(config["device"])
+    torch.manual_seed(config["seed"])  # model initialisation
+    is_image = datasets.is_image_dataset(config["dataset"])
+
+    data, labels = datasets.load_training_data(config)  # [N, ...], [N] or None
+    data = data.to(device)
+    labels = labels.to(device) if labels is not None else None
+    scheduler = build_scheduler(config, device)
+    model = build_model(config).to(device)
+    ema_model = copy.deepcopy(model).requires_grad_(False) if config["ema_decay"] > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"])
+    scorer = metrics.make_scorer(config)
+    train_generator = torch.Generator(device).manual_seed(config["seed"])
+    sample_generator = torch.Generator(device).manual_seed(config["seed"] + 1)
+
+    N, B = len(data), config["train_batch_size"]
+    steps_per_epoch = math.ceil(N / B)
+    num_epochs = config["num_epochs"]
+    T = config["num_timesteps"]
+    losses = torch.zeros(num_epochs * steps_per_epoch, device=device)  # one per optimizer step
+    frames, metric_rows = [], []
+    start_epoch, start_batch, step, perm = 0, 0, 0, None
+
+    if resume:
+        state = load_checkpoint(os.path.join(exp_dir, "checkpoint.pt"), model, ema_model, optimizer)
+        start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
+        perm = state["perm"].to(device) if state["perm"] is not None else None
+        losses[:step] = state["losses"][:step].to(device)
+        frames, metric_rows = list(state["frames"]), [list(r) for r in state["metrics"]]
+        train_generator.set_state(state["train_rng"])
+        sample_generator.set_state(state["sample_rng"])
+        start_time -= state["seconds"]
+        log(f"resuming {exp_dir} at epoch {start_epoch}, step {step}")
+
+    def save_checkpoint(epoch, batch):
+        atomic_save({
+            "model": model.state_dict(), "ema": ema_model.state_dict() if ema_model else None,
+            "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch, "step": step,
+            "perm": perm.cpu() if perm is not None else None, "losses": losses[:step].cpu(),
+            "frames": torch.stack(frames) if frames else torch.zeros(0), "metrics": metric_rows,
+            "train_rng": train_generator.get_state(), "sample_rng": sample_generator.get_state(),
+            "seconds": time.time() - start_time,
+        }, os.path.join(exp_dir, "checkpoint.pt"))
+
+    def sample_frame():
+        shape = (config["eval_batch_size"], *data.shape[1:])
+        frame_labels = None
+        if labels is not None:  # class-conditional: an even spread of labels
+            frame_labels = torch.arange(shape[0], device=device) % model.num_classes
+        net = ema_model if ema_model is not None else model
+        net.eval()
+        x = sample(net, scheduler, shape, sampler=config["sampler"],
+                   num_inference_steps=config["num_inference_steps"], eta=config["eta"],
+                   generator=sample_generator, device=device, labels=frame_labels,
+                   guidance_scale=config.get("guidance_scale", 1.0))
+        model.train()
+        return x.cpu()
+
+    total_steps = num_epochs * steps_per_epoch
+    progress = tqdm(total=total_steps, initial=step, desc=config["experiment_name"], unit="step",
+                    mininterval=0.5, dynamic_ncols=True, disable=config.get("quiet", False))
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, num_epochs):
+            if perm is None:
+                perm = torch.randperm(N, generator=train_generator, device=device)
+            model.train()
+            for batch in range(start_batch, steps_per_epoch):
+                index = perm[batch * B:(batch + 1) * B]
+                x_start = data[index]
+                noise = torch.randn(x_start.shape, generator=train_generator, device=device)
+                t = torch.randint(0, T, (len(x_start),), generator=train_generator, device=device)
+                x_t = scheduler.add_noise(x_start, noise, t)          # forward process, eq. 4
+                if labels is None:
+                    prediction = model(x_t, t)
+                else:  # drop the label 10% of the time so the model also learns p(x)
+                    y = labels[index]
+                    drop = torch.rand(len(y), generator=train_generator, device=device) < 0.1
+                    prediction = model(x_t, t, torch.where(drop, model.null_label, y))
+                target = scheduler.training_target(x_start, noise, t)
+                loss = F.mse_loss(prediction, target)                 # eq. 14, the simple loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                if ema_model is not None:
+                    decay = ema_decay_at(step, config["ema_decay"])
+                    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
+                losses[step] = loss.detach()  # stays on the device: no host sync per step
+                step += 1
+                if stop.signal is not None:
+                    save_checkpoint(epoch, batch + 1)
+                    write_outputs(exp_dir, config, model, ema_model, losses[:step], frames, metric_rows,
+                                  is_image, draw=False)
+                    progress.close()
+                    name = "SIGINT" if stop.signal == signal.SIGINT else "SIGTERM"
+                    log(f"{name}: stopped at step {step} (epoch {epoch}); checkpoint written. "
+                        f"Continue with: python ddpm.py --experiment_name {config['experiment_name']} "
+                        f"--out_dir {config['out_dir']} --resume")
+                    sys.exit(130 if stop.signal == signal.SIGINT else 143)
+            start_batch, perm = 0, None
+
+            # once per epoch: one host sync for the epoch's losses
+            epoch_losses = losses[step - steps_per_epoch:step]
+            epoch_loss = float(epoch_losses.mean())
+            if not math.isfinite(epoch_loss):
+                bad = int(torch.nonzero(~torch.isfinite(epoch_losses))[0]) + step - steps_per_epoch
+                progress.close()
+                raise NonFiniteLoss(
+                    f"the loss became non-finite at step {bad} (epoch {epoch}); the learning rate "
+                    f"{config['learning_rate']:g} is probably too high (or the data has NaN/inf). "
+                    "Nothing after the last good checkpoint was written.")
+            progress.update(steps_per_epoch)
+            last_epoch = epoch == num_epochs - 1
+            if (epoch + 1) % config["save_images_step"] == 0 or last_epoch:
+                frame = sample_frame()
+                frames.append(frame)
+                score = scorer(frame)
+                metric_rows.append([len(frames) - 1, epoch, step, epoch_loss, score["score"],
+                                    score["floor"], time.time() - start_time])
+                progress.set_postfix(loss=f"{epoch_loss:.3f}", score=f"{score['score']:.4f}",
+                                     floor=f"{score['floor']:.4f}", refresh=False)
+            if (epoch + 1) % config["checkpoint_every"] == 0 or last_epoch:
+                save_checkpoint(epoch + 1, 0)
+    progress.close()
+    train_seconds = time.time() - start_time
+    write_outputs(exp_dir, config, model, ema_model, losses[:step], frames, metric_rows, is_image)
+    final = metric_rows[-1]
+    return {"score": final[4], "floor": final[5], "loss": final[3], "train_seconds": train_seconds,
+            "seconds": time.time() - start_time, "steps": step}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+METRIC_COLUMNS = ["frame", "epoch", "step", "loss", "score", "floor", "seconds"]
+
+
+def write_outputs(exp_dir, config, model, ema_model, losses, frames, metric_rows, is_image, draw=True):
+    """model.pth, model_ema.pth, loss.npy, frames.npy, metrics.csv and the PNGs; each atomically."""
+    atomic_save(model.state_dict(), os.path.join(exp_dir, "model.pth"))
+    if ema_model is not None:
+        atomic_save(ema_model.state_dict(), os.path.join(exp_dir, "model_ema.pth"))
+    losses = losses.cpu().numpy()
+    frames = torch.stack(frames).numpy() if frames else np.zeros((0, config["eval_batch_size"], 2), np.float32)
+    atomic_save_npy(os.path.join(exp_dir, "loss.npy"), losses)
+    atomic_save_npy(os.path.join(exp_dir, "frames.npy"), frames)
+    csv = ",".join(METRIC_COLUMNS) + "\n" + "".join(
+        f"{int(r[0])},{int(r[1])},{int(r[2])},{r[3]:.6f},{r[4]:.6g},{r[5]:.6g},{r[6]:.2f}\n" for r in metric_rows)
+    atomic_write_text(os.path.join(exp_dir, "metrics.csv"), csv)
+    if draw:
+        plotting.draw_frames(frames, os.path.join(exp_dir, "images"), is_image=is_image,
+                             epochs=[int(r[1]) + 1 for r in metric_rows])
+        plotting.draw_loss(losses, os.path.join(exp_dir, "loss.png"))
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see -h)\n")
+
+
+def _number(kind, low=None, low_inclusive=False, high=None, high_inclusive=False, what=""):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what or kind.__name__}, got {text!r}")
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        too_low = low is not None and (value < low if low_inclusive else value <= low)
+        too_high = high is not None and (value > high if high_inclusive else value >= high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
+
+
+positive_int = _number(int, 0, what="a positive integer")
+nonnegative_int = _number(int, 0, low_inclusive=True, what="a non-negative integer")
+positive_float = _number(float, 0, what="a positive number")
+unit_interval = _number(float, 0, high=1, what="a number in (0, 1)")
+ema_range = _number(float, 0, low_inclusive=True, high=1, what="in [0, 1)")
+eta_range = _number(float, 0, low_inclusive=True, what="a number >= 0")
+
+
+def build_parser():
+    p = ArgumentParser(description="Train a denoising diffusion model (DDPM) on 2D points or images.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--experiment_name", default="base", help="outputs go to OUT_DIR/EXPERIMENT_NAME")
+    p.add_argument("--out_dir", default="exps", help="folder that holds the experiments")
+    p.add_argument("--dataset", default="dino", choices=datasets.DATASETS)
+    p.add_argument("--dataset_size", type=positive_int, default=8000,
+                   help="training points (2D) or the number of images to use")
+    p.add_argument("--train_batch_size", type=positive_int, default=32)
+    p.add_argument("--eval_batch_size", type=positive_int, default=1000, help="samples drawn per frame")
+    p.add_argument("--num_epochs", type=positive_int, default=200)
+    p.add_argument("--learning_rate", type=positive_float, default=1e-3)
+    p.add_argument("--num_timesteps", type=positive_int, default=50, help="T, the length of the diffusion")
+    p.add_argument("--beta_schedule", default="linear", choices=SCHEDULES)
+    p.add_argument("--beta_start", type=unit_interval, default=None,
+                   help="first beta (linear/quadratic/sigmoid); default 1e-4 * 1000/T")
+    p.add_argument("--beta_end", type=unit_interval, default=None,
+                   help="last beta; default 0.02 * 1000/T (the classic used 1e-4 .. 0.02 unscaled)")
+    p.add_argument("--prediction", default="epsilon", choices=PREDICTIONS, help="what the network predicts")
+    p.add_argument("--embedding_size", type=positive_int, default=128)
+    p.add_argument("--hidden_size", type=positive_int, default=128)
+    p.add_argument("--hidden_layers", type=positive_int, default=3)
+    p.add_argument("--time_embedding", default="sinusoidal", choices=("sinusoidal", "learnable", "linear", "zero"))
+    p.add_argument("--input_embedding", default="sinusoidal",
+                   choices=("sinusoidal", "learnable", "linear", "identity"))
+    p.add_argument("--ema_decay", type=ema_range, default=0.0,
+                   help="EMA of the weights for frames and sampling; 0 turns it off")
+    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="sampler for the frames")
+    p.add_argument("--num_inference_steps", type=positive_int, default=None,
+                   help="steps of the ddim sampler (default: all T)")
+    p.add_argument("--eta", type=eta_range, default=0.0, help="DDIM's eta: 0 deterministic, 1 like DDPM")
+    p.add_argument("--save_images_step", type=positive_int, default=1, help="sample a frame every N epochs")
+    p.add_argument("--checkpoint_every", type=positive_int, default=10, help="write checkpoint.pt every N epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--resume", action="store_true", help="continue the experiment from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing experiment")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def validate(config, parser):
+    """Checks between flags, before any work."""
+    if config["num_inference_steps"] is not None:
+        if config["num_inference_steps"] > config["num_timesteps"]:
+            parser.error(f"--num_inference_steps {config['num_inference_steps']} exceeds "
+                         f"--num_timesteps {config['num_timesteps']}")
+        if config["sampler"] == "ddpm" and config["num_inference_steps"] != config["num_timesteps"]:
+            parser.error("the ddpm sampler walks every timestep; use --sampler ddim with --num_inference_steps")
+    start = config["beta_start"] if config["beta_start"] is not None else default_beta_range(config["num_timesteps"])[0]
+    end = config["beta_end"] if config["beta_end"] is not None else default_beta_range(config["num_timesteps"])[1]
+    if config["beta_schedule"] != "cosine" and start > end:
+        parser.error(f"--beta_start {start:g} is larger than --beta_end {end:g}")
+    if config["embedding_size"] % 2 and "sinusoidal" in (config["time_embedding"], config["input_embedding"]):
+        parser.error(f"--embedding_size must be even for sinusoidal embeddings, got {config['embedding_size']}")
+    if config["resume"] and config["overwrite"]:
+        parser.error("--resume and --overwrite exclude each other")
+
+
+RUN_FLAGS = ("resume", "overwrite", "quiet", "device")  # how to run, not what to train
+
+
+def prepare_experiment(config, parser):
+    """Create (or reopen) the experiment folder; never clobber one silently."""
+    exp_dir = os.path.join(config["out_dir"], config["experiment_name"])
+    config_path = os.path.join(exp_dir, "config.json")
+    exists = os.path.isdir(exp_dir) and any(os.scandir(exp_dir))
+    if config["resume"]:
+        if not os.path.exists(os.path.join(exp_dir, "checkpoint.pt")):
+            parser.error(f"--resume: no checkpoint in {exp_dir}")
+        try:
+            with open(config_path) as f:
+                saved = json.load(f)
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            parser.error(f"--resume: cannot read {config_path}: {e}")
+        defaults = vars(parser.parse_args([]))
+        for key, value in config.items():  # flags changed on this command line must agree
+            if key in RUN_FLAGS or key in ("num_epochs",) or value == defaults.get(key):
+                continue
+            if saved.get(key) != value:
+                parser.error(f"--resume: --{key} {value} differs from the experiment's {saved.get(key)}")
+        if config["num_epochs"] != defaults["num_epochs"]:
+            saved["num_epochs"] = config["num_epochs"]
+        saved.update({k: config[k] for k in RUN_FLAGS})
+        return exp_dir, saved
+    if exists and not config["overwrite"]:
+        parser.error(f"{exp_dir} already exists; pass --resume to continue it or --overwrite to replace it")
+    try:
+        if exists:
+            import shutil
+            shutil.rmtree(exp_dir)
+        os.makedirs(exp_dir, exist_ok=True)
+        probe = os.path.join(exp_dir, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        parser.error(f"cannot write to {exp_dir}: {e.strerror or e}")
+    return exp_dir, config
+
+
+def main(argv=None):
+    parser = build_parser()
+    config = vars(parser.parse_args(argv))
+    validate(config, parser)
+    try:
+        datasets.check_available(config)
+    except datasets.DataError as e:
+        parser.error(str(e))
+    exp_dir, config = prepare_experiment(config, parser)
+    device = pick_device(config["device"])
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
+    print(f"device: {device}; writing to {exp_dir}", flush=True)
+    saved_config = {k: v for k, v in config.items() if k not in RUN_FLAGS}
+    saved_config["world_size"] = 1
+    atomic_write_text(os.path.join(exp_dir, "config.json"), json.dumps(saved_config, indent=2) + "\n")
+    try:
+        result = train(config, exp_dir, resume=config["resume"])
+    except (NonFiniteLoss, CheckpointError) as e:
+        sys.exit(f"ddpm.py: error: {e}")
+    print(f"done in {result['seconds']:.1f} s: final score {result['score']:.5g} "
+          f"(noise floor {result['floor']:.5g}, ratio {result['score'] / result['floor']:.2f}), "
+          f"outputs in {exp_dir}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Pictures: the frames of a run, its loss curve, image grids.
+
+Frames are drawn after training with one reused figure (creating a figure per frame
+costs more than drawing it), at fixed axes so the PNGs line up as an animation.
+"""
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+LIMIT = 6  # 2D frames show [-6, 6]^2, like the classic
+
+
+def image_grid(images, ncols=None):
+    """[n, H, W] in [-1, 1] -> one [rows*H, cols*W] array in [0, 1], 1-pixel gaps."""
+    images = np.clip((np.asarray(images) + 1) / 2, 0, 1)
+    n, h, w = images.shape
+    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncols))
+    grid = np.ones((nrows * (h + 1) - 1, ncols * (w + 1) - 1), dtype=np.float32)
+    for i, image in enumerate(images):
+        r, c = divmod(i, ncols)
+        grid[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = image
+    return grid
+
+
+def draw_frames(frames, folder, is_image=False, epochs=None, max_images=100):
+    """One PNG per frame: images/0000.png, 0001.png, ..."""
+    os.makedirs(folder, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=80)
+    if is_image:
+        artist = ax.imshow(np.zeros((2, 2)), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.axis("off")
+    else:
+        artist = ax.scatter([], [], s=4, alpha=0.6, linewidths=0)
+        ax.set_xlim(-LIMIT, LIMIT)
+        ax.set_ylim(-LIMIT, LIMIT)
+        ax.set_aspect("equal")
+    title = ax.set_title("")
+    fig.tight_layout()
+    for i, frame in enumerate(frames):
+        if is_image:
+            grid = image_grid(frame[:max_images].reshape(-1, *frame.shape[-2:]))
+            artist.set_data(grid)
+            artist.set_extent((0, grid.shape[1], grid.shape[0], 0))
+            ax.set_xlim(0, grid.shape[1])
+            ax.set_ylim(grid.shape[0], 0)
+        else:
+            artist.set_offsets(frame)
+        title.set_text(f"epoch {epochs[i]}" if epochs is not None else f"frame {i}")
+        fig.savefig(os.path.join(folder, f"{i:04d}.png"))
+    plt.close(fig)
+
+
+def draw_loss(losses, path):
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=80)
+    steps = np.arange(1, len(losses) + 1)
+    ax.plot(steps, losses, lw=0.5, alpha=0.3, label="per step")
+    if len(losses) >= 50:
+        window = max(len(losses) // 100, 10)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, lw=1.5, label=f"mean of {window}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (MSE)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_samples_png(samples, path, title=""):
+    """A PNG of samples: a scatter for points [n, 2], a grid for images [n, (1,) H, W]."""
+    samples = np.asarray(samples)
+    if samples.ndim == 2:
+        fig, ax = plt.subplots(figsize=(5, 5), dpi=80)
+        ax.scatter(samples[:, 0], samples[:, 1], s=4, alpha=0.6, linewidths=0)
+        ax.set_xlim(-LIMIT, LIMIT)
+        ax.set_ylim(-LIMIT, LIMIT)
+        ax.set_aspect("equal")
+    else:
+        grid = image_grid(samples.reshape(-1, *samples.shape[-2:]))
+        fig, ax = plt.subplots(figsize=(grid.shape[1] / 40, grid.shape[0] / 40), dpi=80)
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.axis("off")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

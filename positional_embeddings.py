@@ -1,0 +1,95 @@
+"""Embeddings that turn a scalar (a coordinate or a timestep) into a feature vector.
+
+Every embedding maps a tensor of shape [B] to [B, output_size]. The MLP in ddpm.py
+uses one for each input coordinate and one for the timestep, and concatenates them.
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+
+class SinusoidalEmbedding(nn.Module):
+    """Transformer-style sin/cos features (Vaswani et al. 2017), as DDPM embeds t.
+
+    For inputs that live in a small range (2D coordinates in [-4, 4]) a `scale`
+    of 25 spreads them over many periods: these are Fourier features (Tancik et al.
+    2020), which let an MLP fit sharp detail it would otherwise blur.
+    """
+
+    def __init__(self, size: int, scale: float = 1.0):
+        super().__init__()
+        if size < 2 or size % 2:
+            raise ValueError(f"sinusoidal embedding size must be even and >= 2, got {size}")
+        self.output_size = size
+        self.scale = scale
+        half = size // 2
+        # frequencies 1, ..., 1/10000 spaced geometrically
+        exponent = torch.arange(half, dtype=torch.float32) / max(half - 1, 1)
+        self.register_buffer("frequencies", torch.exp(-math.log(10000.0) * exponent), persistent=False)
+
+    def forward(self, x):  # x: [B] -> [B, size]
+        angles = (x.float() * self.scale)[:, None] * self.frequencies[None, :]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+class LearnableEmbedding(nn.Module):
+    """A learned linear map from the scalar to `size` features."""
+
+    def __init__(self, size: int, max_value: float = 1.0):
+        super().__init__()
+        self.output_size = size
+        self.max_value = max_value  # inputs are divided by it to keep them O(1)
+        self.linear = nn.Linear(1, size)
+
+    def forward(self, x):  # [B] -> [B, size]
+        return self.linear(x.float()[:, None] / self.max_value)
+
+
+class LinearEmbedding(nn.Module):
+    """The scalar itself, rescaled: one feature."""
+
+    def __init__(self, size: int, scale: float = 1.0):
+        super().__init__()
+        self.output_size = 1
+        self.scale = scale
+        self.size = size
+
+    def forward(self, x):  # [B] -> [B, 1]
+        return (x.float() / self.size * self.scale)[:, None]
+
+
+class IdentityEmbedding(nn.Module):
+    """The raw scalar: one feature."""
+
+    output_size = 1
+
+    def forward(self, x):  # [B] -> [B, 1]
+        return x.float()[:, None]
+
+
+class ZeroEmbedding(nn.Module):
+    """Drops the input: one feature that is always 0 (the model never sees it)."""
+
+    output_size = 1
+
+    def forward(self, x):  # [B] -> [B, 1]
+        return torch.zeros_like(x, dtype=torch.float32)[:, None]
+
+
+EMBEDDINGS = ("sinusoidal", "learnable", "linear", "identity", "zero")
+
+
+def make_embedding(kind: str, size: int, scale: float = 1.0, max_value: float = 1.0) -> nn.Module:
+    """Build an embedding by name. `scale` is used by sinusoidal and linear, `max_value` by learnable."""
+    if kind == "sinusoidal":
+        return SinusoidalEmbedding(size, scale)
+    if kind == "learnable":
+        return LearnableEmbedding(size, max_value)
+    if kind == "linear":
+        return LinearEmbedding(size, scale)
+    if kind == "identity":
+        return IdentityEmbedding()
+    if kind == "zero":
+        return ZeroEmbedding()
+    raise ValueError(f"unknown embedding {kind!r}; choose from {', '.join(EMBEDDINGS)}")

@@ -1,0 +1,158 @@
+"""The scheduler and samplers against the closed forms of DDPM (Ho et al. 2020) and DDIM."""
+import numpy as np
+import pytest
+import torch
+
+import ddpm
+from ddpm import NoiseScheduler, sample
+
+
+def numpy_betas(schedule, T, start, end):
+    """The schedules written out independently, in numpy."""
+    if schedule == "linear":
+        return np.linspace(start, end, T)
+    if schedule == "quadratic":
+        return np.linspace(np.sqrt(start), np.sqrt(end), T) ** 2
+    if schedule == "sigmoid":
+        return 1 / (1 + np.exp(-np.linspace(-6, 6, T))) * (end - start) + start
+    f = np.cos((np.arange(T + 1) / T + 0.008) / 1.008 * np.pi / 2) ** 2
+    return np.minimum(1 - f[1:] / f[:-1], 0.999)
+
+
+@pytest.mark.parametrize("schedule", ddpm.SCHEDULES)
+@pytest.mark.parametrize("T", [5, 50, 1000])
+def test_betas_in_unit_interval_and_match_formula(schedule, T):
+    s = NoiseScheduler(T, schedule, 1e-4, 0.02)
+    assert s.betas.shape == (T,)
+    assert (s.betas > 0).all() and (s.betas < 1).all()
+    np.testing.assert_allclose(s.betas.numpy(), numpy_betas(schedule, T, 1e-4, 0.02), rtol=1e-5)
+    np.testing.assert_allclose(s.alphas_cumprod.numpy(), np.cumprod(1 - numpy_betas(schedule, T, 1e-4, 0.02)),
+                               rtol=1e-4)
+
+
+def test_classic_linear_schedule_stops_short_of_noise():
+    # the classic 50-step, 1e-4..0.02 schedule ends at alpha_bar_T = 0.60 (issue 4)
+    s = NoiseScheduler(50, "linear", 1e-4, 0.02)
+    assert s.betas[0] == pytest.approx(1e-4) and s.betas[-1] == pytest.approx(0.02)
+    assert float(s.alphas_cumprod[-1]) == pytest.approx(0.60, abs=0.01)
+
+
+@pytest.mark.parametrize("schedule", ddpm.SCHEDULES)
+@pytest.mark.parametrize("T", [5, 10, 25, 50, 100, 250, 1000])
+def test_default_schedules_reach_noise_for_any_T(schedule, T):
+    s = NoiseScheduler(T, schedule)
+    assert float(s.alphas_cumprod[-1]) < 1e-3
+    assert (s.betas > 0).all() and (s.betas < 1).all()
+
+
+def test_add_noise_is_eq4():
+    s = NoiseScheduler(50, "linear", 1e-4, 0.02)
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 50))
+    x0, eps = torch.randn(64, 3, 5), torch.randn(64, 3, 5)
+    t = torch.randint(0, 50, (64,))
+    expected = (np.sqrt(abar[t.numpy()])[:, None, None] * x0.numpy()
+                + np.sqrt(1 - abar[t.numpy()])[:, None, None] * eps.numpy())
+    np.testing.assert_allclose(s.add_noise(x0, eps, t).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_posterior_is_eq7():
+    T = 50
+    s = NoiseScheduler(T, "quadratic", 1e-4, 0.02)
+    betas = numpy_betas("quadratic", T, 1e-4, 0.02)
+    x0, xt = torch.randn(T, 2), torch.randn(T, 2)
+    t = torch.arange(T)
+    mean, var = s.q_posterior(x0, xt, t)
+    for i in range(T):
+        abar = np.prod(1 - betas[:i + 1])
+        abar_prev = np.prod(1 - betas[:i])  # 1 for i = 0
+        mu = (np.sqrt(abar_prev) * betas[i] / (1 - abar) * x0[i].numpy()
+              + np.sqrt(1 - betas[i]) * (1 - abar_prev) / (1 - abar) * xt[i].numpy())
+        np.testing.assert_allclose(mean[i].numpy(), mu, rtol=1e-4, atol=1e-6)
+        assert float(var[i]) == pytest.approx((1 - abar_prev) / (1 - abar) * betas[i], rel=1e-4, abs=1e-9)
+    assert float(var[0]) == 0.0  # the last reverse step adds no noise
+
+
+@pytest.mark.parametrize("prediction", ddpm.PREDICTIONS)
+def test_reconstruct_and_prediction_targets_invert_add_noise(prediction):
+    s = NoiseScheduler(50, "cosine", prediction=prediction)
+    x0, eps = torch.randn(200, 2), torch.randn(200, 2)
+    t = torch.arange(200) % 50
+    xt = s.add_noise(x0, eps, t)
+    torch.testing.assert_close(s.reconstruct_x0(xt, t, eps), x0, rtol=1e-3, atol=2e-3)
+    target = s.training_target(x0, eps, t)  # what a perfect network outputs
+    x0_hat, eps_hat = s.predict_x0_and_eps(target, xt, t)
+    torch.testing.assert_close(x0_hat, x0, rtol=1e-3, atol=2e-3)
+    torch.testing.assert_close(eps_hat, eps, rtol=1e-3, atol=2e-3)
+
+
+def test_ddim_with_eta_1_is_the_ddpm_step():
+    s = NoiseScheduler(50, "linear")
+    xt, out, z = torch.randn(100, 2), torch.randn(100, 2), torch.randn(100, 2)
+    for t in range(50):
+        tb = torch.full((100,), t)
+        ddpm_x = s.step(out, tb, xt, z)
+        ddim_x = s.ddim_step(out, tb, tb - 1, xt, 1.0, z)
+        torch.testing.assert_close(ddim_x, ddpm_x, rtol=1e-4, atol=1e-5)
+
+
+def test_ddim_with_eta_0_is_deterministic():
+    s = NoiseScheduler(50, "linear")
+    xt, out = torch.randn(100, 2), torch.randn(100, 2)
+    tb = torch.full((100,), 30)
+    a = s.ddim_step(out, tb, tb - 5, xt, 0.0, torch.randn(100, 2))
+    b = s.ddim_step(out, tb, tb - 5, xt, 0.0, torch.randn(100, 2))
+    assert torch.equal(a, b)
+
+    model = lambda x, t: torch.tanh(x)  # noqa: E731  any fixed function
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    x1 = sample(model, s, (50, 2), sampler="ddim", num_inference_steps=10, eta=0.0, generator=g1)
+    x2 = sample(model, s, (50, 2), sampler="ddim", num_inference_steps=10, eta=0.0, generator=g2)
+    assert torch.equal(x1, x2)
+
+
+class ExactGaussianDenoiser(torch.nn.Module):
+    """The optimal network for data N(mu, s^2 I), in closed form:
+    eps*(x_t, t) = sqrt(1 - abar_t) (x_t - sqrt(abar_t) mu) / (abar_t s^2 + 1 - abar_t),
+    given in the parameterisation the scheduler expects."""
+
+    def __init__(self, scheduler, mu, std):
+        super().__init__()
+        self.s, self.mu, self.var = scheduler, mu, std**2
+
+    def forward(self, x, t):
+        abar = self.s.alphas_cumprod[t].reshape(-1, *([1] * (x.dim() - 1)))
+        eps = (1 - abar).sqrt() * (x - abar.sqrt() * self.mu) / (abar * self.var + 1 - abar)
+        x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+        return {"epsilon": eps, "x0": x0, "v": abar.sqrt() * eps - (1 - abar).sqrt() * x0}[self.s.prediction]
+
+
+SAMPLERS = [dict(sampler="ddpm"), dict(sampler="ddim", eta=0.0), dict(sampler="ddim", eta=1.0),
+            dict(sampler="ddim", eta=0.0, num_inference_steps=250)]
+
+
+@pytest.mark.parametrize("schedule", ddpm.SCHEDULES)
+@pytest.mark.parametrize("prediction", ddpm.PREDICTIONS)
+@pytest.mark.parametrize("shape", [(20000, 2), (2000, 1, 4, 4)], ids=["points", "images"])
+def test_analytic_gaussian_is_reproduced_by_every_sampler(schedule, prediction, shape):
+    torch.manual_seed(0)
+    mu, std = 1.5, 0.5
+    s = NoiseScheduler(1000, schedule, prediction=prediction)
+    model = ExactGaussianDenoiser(s, mu, std)
+    for kwargs in SAMPLERS:
+        x = sample(model, s, shape, generator=torch.Generator().manual_seed(0), **kwargs)
+        assert x.shape == shape
+        assert float(x.mean()) == pytest.approx(mu, abs=0.03), kwargs
+        assert float(x.var()) == pytest.approx(std**2, rel=0.05), kwargs
+        # the samples are independent Gaussians: no correlation between coordinates
+        flat = x.reshape(shape[0], -1)
+        corr = torch.corrcoef(flat[:, :2].T)[0, 1]
+        assert abs(float(corr)) < 0.05, kwargs
+
+
+def test_wrong_sampler_gets_wrong_answer():
+    # the analytic check has teeth: a sampler that ignores the posterior variance misses
+    s = NoiseScheduler(1000, "linear")
+    model = ExactGaussianDenoiser(s, 1.5, 0.5)
+    x = sample(model, s, (20000, 2), sampler="ddim", eta=0.0, num_inference_steps=5,
+               generator=torch.Generator().manual_seed(0))
+    assert abs(float(x.var()) - 0.25) > 0.05 * 0.25
