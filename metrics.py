@@ -57,5 +57,8 @@ def nearest_neighbour_distance(points, reference, chunk=4096):
 
 
 def make_scorer(config):
-    """The sample-quality scorer for a run's dataset."""
+    """The sample-quality scorer for a run's dataset (images: classifier.ImageScorer)."""
+    if datasets.is_image_dataset(config["dataset"]):
+        import classifier
+        return classifier.ImageScorer(config)
     return PointScorer(config["dataset"], config["eval_batch_size"], config["seed"])

@@ -1,0 +1,118 @@
+"""Draw samples from a trained experiment without retraining.
+
+    python sample.py exps/base --num_samples 5000 --sampler ddim --num_inference_steps 20 --output dino.npy
+
+Rebuilds the network from EXPERIMENT_DIR/config.json, loads its weights (the EMA weights,
+model_ema.pth, where the run kept them; else model.pth), runs the reverse process and
+writes the samples as .npy plus a PNG of them beside it.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+import ddpm
+from checkpoints import CheckpointError, atomic_save_npy, load_weights, safe_load
+from plotting import save_samples_png
+
+
+def build_parser():
+    p = ddpm.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0],
+                            formatter_class=ddpm.argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("experiment_dir", help="an experiment folder written by ddpm.py, e.g. exps/base")
+    p.add_argument("--num_samples", type=ddpm.positive_int, default=1000)
+    p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=None, help="default: the experiment's")
+    p.add_argument("--num_inference_steps", type=ddpm.positive_int, default=None,
+                   help="DDIM steps (default: the experiment's, else all T)")
+    p.add_argument("--eta", type=ddpm.eta_range, default=None, help="DDIM's eta (default: the experiment's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", type=int, default=None, help="class to draw (class-conditional models)")
+    p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance weight")
+    p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                   help="auto: EMA weights where the experiment has them")
+    p.add_argument("--batch_size", type=ddpm.positive_int, default=10000, help="samples per forward pass")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--output", default=None, help="a .npy file (default: EXPERIMENT_DIR/samples.npy)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    return p
+
+
+def load_experiment(experiment_dir, weights="auto", device="cpu"):
+    """(model, scheduler, config) of a finished or interrupted experiment."""
+    config_path = os.path.join(experiment_dir, "config.json")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        model = ddpm.build_model(config)
+        scheduler = ddpm.build_scheduler(config, device)
+    except FileNotFoundError:
+        raise CheckpointError(f"{config_path}: no such file (is {experiment_dir} an experiment folder?)")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{config_path} is malformed ({type(e).__name__}: {e})")
+    ema_path = os.path.join(experiment_dir, "model_ema.pth")
+    raw_path = os.path.join(experiment_dir, "model.pth")
+    if weights == "ema" and not os.path.exists(ema_path):
+        raise CheckpointError(f"{experiment_dir} has no EMA weights (model_ema.pth)")
+    path = ema_path if weights != "raw" and os.path.exists(ema_path) else raw_path
+    load_weights(model, safe_load(path), path)
+    return model.to(device).eval(), scheduler, config
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    output = args.output or os.path.join(args.experiment_dir, "samples.npy")
+    if not output.endswith(".npy"):
+        parser.error(f"--output must end in .npy, got {output}")
+    if os.path.exists(output) and not args.overwrite:
+        parser.error(f"{output} exists; pass --overwrite to replace it")
+    device = ddpm.pick_device(args.device)
+    try:
+        model, scheduler, config = load_experiment(args.experiment_dir, args.weights, device)
+    except CheckpointError as e:
+        parser.error(str(e))
+    sampler = args.sampler or config.get("sampler", "ddpm")
+    steps = args.num_inference_steps if args.num_inference_steps is not None else (
+        config.get("num_inference_steps") if args.sampler in (None, config.get("sampler")) else None)
+    eta = args.eta if args.eta is not None else config.get("eta", 0.0)
+    if sampler == "ddpm" and steps not in (None, scheduler.num_timesteps):
+        parser.error("the ddpm sampler walks every timestep; use --sampler ddim with --num_inference_steps")
+    if steps is not None and steps > scheduler.num_timesteps:
+        parser.error(f"--num_inference_steps {steps} exceeds the experiment's {scheduler.num_timesteps} timesteps")
+    conditional = getattr(model, "num_classes", None) is not None
+    if args.label is not None and not conditional:
+        parser.error("--label needs a class-conditional experiment (trained with --class_conditional)")
+    if conditional and args.label is not None and not 0 <= args.label < model.num_classes:
+        parser.error(f"--label must be in 0..{model.num_classes - 1}")
+    guidance = args.guidance_scale if args.guidance_scale is not None else config.get("guidance_scale", 1.0)
+
+    shape_tail = ddpm.datasets.sample_shape(config)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    tic = time.time()
+    chunks = []
+    for start in range(0, args.num_samples, args.batch_size):
+        n = min(args.batch_size, args.num_samples - start)
+        labels = None
+        if conditional:
+            labels = (torch.full((n,), args.label, device=device) if args.label is not None
+                      else (torch.arange(start, start + n, device=device) % model.num_classes))
+        chunks.append(ddpm.sample(model, scheduler, (n, *shape_tail), sampler=sampler,
+                                  num_inference_steps=steps, eta=eta, generator=generator, device=device,
+                                  labels=labels, guidance_scale=guidance).cpu())
+    samples = torch.cat(chunks).numpy()
+    seconds = time.time() - tic
+    atomic_save_npy(output, samples)
+    png = output[:-4] + ".png"
+    steps_text = f"{steps or scheduler.num_timesteps} steps"
+    save_samples_png(samples, png, f"{config['dataset']}: {sampler}, {steps_text}")
+    print(f"wrote {len(samples)} samples to {output} and {png} ({sampler}, {steps_text}, {seconds:.1f} s)")
+    return samples
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except CheckpointError as e:
+        sys.exit(f"sample.py: error: {e}")

@@ -1,0 +1,34 @@
+"""Running the command-line tools in a subprocess, as a user would."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset_size", "256", "--num_epochs", "3", "--eval_batch_size", "64", "--quiet"]
+
+
+def run_tool(script, *args, cwd=None, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def train(out_dir, name, *args, **kwargs):
+    return run_tool("ddpm.py", "--out_dir", out_dir, "--experiment_name", name, *args, **kwargs)
+
+
+def outputs(exp_dir):
+    with open(os.path.join(exp_dir, "config.json")) as f:
+        config = json.load(f)
+    return config, np.load(os.path.join(exp_dir, "loss.npy")), np.load(os.path.join(exp_dir, "frames.npy"))
+
+
+def assert_one_line_error(result, status=2):
+    assert result.returncode == status, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]

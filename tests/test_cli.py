@@ -1,0 +1,140 @@
+"""ddpm.py and sample.py end to end: outputs, reproducibility, bad input."""
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import ddpm
+from helpers import TINY, assert_one_line_error, outputs, run_tool, train
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("exps")
+    result = train(out, "tiny", *TINY, "--ema_decay", "0.9")
+    assert result.returncode == 0, result.stderr
+    return out / "tiny", result
+
+
+def test_tiny_run_writes_every_output(tiny_run):
+    exp, result = tiny_run
+    config, loss, frames = outputs(exp)
+    steps = 3 * (256 // 32)
+    assert loss.shape == (steps,) and np.isfinite(loss).all()
+    assert frames.shape == (3, 64, 2) and frames.dtype == np.float32
+    assert sorted(os.listdir(exp / "images")) == ["0000.png", "0001.png", "0002.png"]
+    metrics = pd.read_csv(exp / "metrics.csv")
+    assert list(metrics.columns) == ["frame", "epoch", "step", "loss", "score", "floor", "seconds"]
+    assert list(metrics["step"]) == [8, 16, 24] and list(metrics["epoch"]) == [0, 1, 2]
+    assert (metrics["floor"] > 0).all()
+    # the epoch's mean loss in metrics.csv is the mean of that epoch's entries of loss.npy
+    np.testing.assert_allclose(metrics["loss"], loss.reshape(3, 8).mean(axis=1), rtol=1e-4)
+    for name in ("model.pth", "model_ema.pth", "checkpoint.pt", "loss.png"):
+        assert (exp / name).stat().st_size > 0
+    for key in ("dataset", "num_timesteps", "beta_schedule", "hidden_size", "seed", "learning_rate"):
+        assert key in config
+    assert "final score" in result.stdout and "noise floor" in result.stdout
+
+
+def test_config_rebuilds_the_model(tiny_run):
+    exp, _ = tiny_run
+    with open(exp / "config.json") as f:
+        config = json.load(f)
+    model = ddpm.build_model(config)
+    model.load_state_dict(torch.load(exp / "model.pth", weights_only=True))
+    ema = ddpm.build_model(config)
+    ema.load_state_dict(torch.load(exp / "model_ema.pth", weights_only=True))
+    # EMA weights are an average, not a copy of the raw weights
+    diffs = [float((a - b).detach().abs().max()) for a, b in zip(model.parameters(), ema.parameters())]
+    assert max(diffs) > 1e-4
+
+
+def test_same_seed_same_outputs(tmp_path):
+    a = train(tmp_path, "a", *TINY)
+    b = train(tmp_path, "b", *TINY)
+    c = train(tmp_path, "c", *TINY, "--seed", "1")
+    assert a.returncode == b.returncode == c.returncode == 0
+    _, loss_a, frames_a = outputs(tmp_path / "a")
+    _, loss_b, frames_b = outputs(tmp_path / "b")
+    _, loss_c, frames_c = outputs(tmp_path / "c")
+    assert np.array_equal(loss_a, loss_b) and np.array_equal(frames_a, frames_b)
+    assert not np.array_equal(loss_a, loss_c)
+
+
+def test_training_learns(tmp_path):
+    # a short run on a simple dataset must beat its own first frame by a clear margin
+    result = train(tmp_path, "learn", "--dataset", "circle", "--dataset_size", "2000", "--num_epochs", "12",
+                   "--train_batch_size", "64", "--eval_batch_size", "500", "--quiet")
+    assert result.returncode == 0, result.stderr
+    metrics = pd.read_csv(tmp_path / "learn" / "metrics.csv")
+    first, last = metrics["score"].iloc[0], metrics["score"].iloc[-1]
+    assert last < first / 3, (first, last)
+    assert last < 10 * metrics["floor"].iloc[-1]
+
+
+BAD_FLAGS = [
+    ["--num_epochs", "0"], ["--num_epochs", "-3"], ["--num_epochs", "two"], ["--train_batch_size", "0"],
+    ["--eval_batch_size", "0"], ["--dataset_size", "-1"], ["--num_timesteps", "0"],
+    ["--learning_rate", "0"], ["--learning_rate", "-1e-3"], ["--learning_rate", "nan"],
+    ["--hidden_size", "0"], ["--hidden_layers", "0"], ["--embedding_size", "0"], ["--embedding_size", "7"],
+    ["--save_images_step", "0"], ["--checkpoint_every", "0"], ["--dataset", "dragon"],
+    ["--beta_schedule", "exp"], ["--time_embedding", "fourier"], ["--input_embedding", "zero"],
+    ["--device", "tpu"], ["--beta_start", "0"], ["--beta_end", "1.5"],
+    ["--beta_start", "0.1", "--beta_end", "0.01"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"],
+    ["--prediction", "score"], ["--sampler", "euler"], ["--eta", "-1"], ["--num_inference_steps", "0"],
+    ["--num_inference_steps", "100"], ["--sampler", "ddpm", "--num_inference_steps", "10"],
+    ["--resume", "--overwrite"], ["--no_such_flag"],
+]
+
+
+@pytest.mark.parametrize("flags", BAD_FLAGS, ids=lambda f: " ".join(f))
+def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, flags):
+    # in-process for speed; test_bad_flag_from_the_shell runs the real command
+    with pytest.raises(SystemExit) as exit_info:
+        ddpm.main(["--out_dir", str(tmp_path), "--experiment_name", "bad", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("ddpm.py: error:"), err
+    assert not (tmp_path / "bad").exists()  # nothing was created before the check
+
+
+def test_bad_flag_from_the_shell(tmp_path):
+    line = assert_one_line_error(train(tmp_path, "bad", "--num_epochs", "0"))
+    assert "--num_epochs" in line and "positive integer" in line
+
+
+def test_help_lists_every_flag_with_default():
+    result = run_tool("ddpm.py", "-h")
+    assert result.returncode == 0
+    for flag in ("--experiment_name", "--dataset", "--train_batch_size", "--eval_batch_size", "--num_epochs",
+                 "--learning_rate", "--num_timesteps", "--beta_schedule", "--embedding_size", "--hidden_size",
+                 "--hidden_layers", "--time_embedding", "--input_embedding", "--save_images_step", "--seed",
+                 "--device", "--dataset_size", "--out_dir", "--ema_decay", "--prediction", "--sampler",
+                 "--num_inference_steps", "--eta", "--beta_start", "--beta_end", "--resume", "--overwrite",
+                 "--checkpoint_every"):
+        assert flag in result.stdout, flag
+    assert "(default: dino)" in " ".join(result.stdout.split())
+
+
+def test_sample_py_reproduces_and_uses_ema(tiny_run, tmp_path):
+    exp, _ = tiny_run
+    args = [exp, "--num_samples", "300", "--sampler", "ddim", "--num_inference_steps", "10", "--seed", "5"]
+    a = run_tool("sample.py", *args, "--output", tmp_path / "a.npy")
+    b = run_tool("sample.py", *args, "--output", tmp_path / "b.npy")
+    c = run_tool("sample.py", *args, "--output", tmp_path / "c.npy", "--weights", "raw")
+    assert a.returncode == b.returncode == c.returncode == 0, a.stderr
+    samples_a, samples_b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
+    assert samples_a.shape == (300, 2)
+    assert np.array_equal(samples_a, samples_b)
+    assert not np.allclose(samples_a, np.load(tmp_path / "c.npy"))  # default weights are the EMA ones
+    assert (tmp_path / "a.png").stat().st_size > 0
+    again = run_tool("sample.py", *args, "--output", tmp_path / "a.npy")
+    assert "exists" in assert_one_line_error(again)
+
+
+def test_sample_py_bad_input(tmp_path):
+    assert "config.json" in assert_one_line_error(run_tool("sample.py", tmp_path, "--output", tmp_path / "x.npy"))
+    assert "num_samples" in assert_one_line_error(run_tool("sample.py", tmp_path, "--num_samples", "0"))

@@ -1,0 +1,94 @@
+"""Nothing lost: refusal to clobber, Ctrl-C and resume, corrupt files, NaN losses."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from helpers import ROOT, TINY, assert_one_line_error, outputs, train
+
+RUN = ["--dataset", "moons", "--dataset_size", "2000", "--num_epochs", "12", "--eval_batch_size", "100",
+       "--checkpoint_every", "3", "--quiet"]
+
+
+def test_existing_experiment_is_not_clobbered(tmp_path):
+    assert train(tmp_path, "exp", *TINY).returncode == 0
+    before = (tmp_path / "exp" / "loss.npy").read_bytes()
+    line = assert_one_line_error(train(tmp_path, "exp", *TINY, "--seed", "3"))
+    assert "--resume" in line and "--overwrite" in line
+    assert (tmp_path / "exp" / "loss.npy").read_bytes() == before
+    assert train(tmp_path, "exp", *TINY, "--seed", "3", "--overwrite").returncode == 0
+    assert (tmp_path / "exp" / "loss.npy").read_bytes() != before
+
+
+def test_sigint_then_resume_matches_an_uninterrupted_run(tmp_path):
+    assert train(tmp_path, "whole", *RUN).returncode == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, os.path.join(ROOT, "ddpm.py"), "--out_dir", str(tmp_path), "--experiment_name", "cut", *RUN]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    checkpoint = tmp_path / "cut" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline:  # wait until training is under way
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]  # stopped early, not finished
+    assert "--resume" in out + err and "Traceback" not in err
+    resumed = train(tmp_path, "cut", "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    _, loss_whole, frames_whole = outputs(tmp_path / "whole")
+    _, loss_cut, frames_cut = outputs(tmp_path / "cut")
+    assert np.array_equal(loss_whole, loss_cut)
+    assert np.array_equal(frames_whole, frames_cut)
+
+
+def test_resume_refuses_a_changed_flag(tmp_path):
+    assert train(tmp_path, "exp", *TINY).returncode == 0
+    line = assert_one_line_error(train(tmp_path, "exp", "--resume", "--hidden_size", "64"))
+    assert "hidden_size" in line
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
+    assert train(tmp_path, "exp", *TINY).returncode == 0
+    checkpoint = tmp_path / "exp" / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # truncated
+    line = assert_one_line_error(train(tmp_path, "exp", "--resume", "--num_epochs", "5"), status=1)
+    assert "checkpoint" in line
+    checkpoint.write_bytes(b"not a checkpoint at all")
+    assert "checkpoint" in assert_one_line_error(train(tmp_path, "exp", "--resume", "--num_epochs", "5"), 1)
+
+
+def test_config_that_does_not_match_the_checkpoint(tmp_path):
+    assert train(tmp_path, "exp", *TINY).returncode == 0
+    config_path = tmp_path / "exp" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["hidden_size"] = 64
+    config_path.write_text(json.dumps(config))
+    line = assert_one_line_error(train(tmp_path, "exp", "--resume", "--num_epochs", "5"), status=1)
+    assert "does not match" in line
+    from helpers import run_tool
+    assert "does not match" in assert_one_line_error(run_tool("sample.py", tmp_path / "exp", "--output",
+                                                              tmp_path / "s.npy"))
+    config_path.write_text("{ not json")
+    assert "config.json" in assert_one_line_error(train(tmp_path, "exp", "--resume"))
+    assert "config.json" in assert_one_line_error(run_tool("sample.py", tmp_path / "exp", "--output",
+                                                           tmp_path / "s.npy"))
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = train(tmp_path, "nan", *TINY, "--learning_rate", "1e12", "--num_epochs", "4")
+    line = assert_one_line_error(result, status=1)
+    assert "step" in line and "learning rate" in line
+    assert not (tmp_path / "nan" / "model.pth").exists()  # no weights from a diverged run
+
+
+def test_unwritable_out_dir_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    line = assert_one_line_error(train(blocker, "exp", *TINY))
+    assert "cannot write" in line
