@@ -1,0 +1,126 @@
+"""The pictures of the README: the forward process, the reverse process, an animation of
+both, and the ablation grids (rows = a hyperparameter's values, columns = epochs).
+
+Every 2D panel uses the same axes as the frames of ddpm.py ([-6, 6]^2), so cells compare.
+"""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
+
+from plotting import LIMIT  # noqa: E402
+
+CELL = 1.6        # inches per grid cell
+LABEL_WIDTH = 1.3  # inches of row labels left of a grid
+TITLE_HEIGHT = 0.6  # inches above a grid for its title and column titles
+BOTTOM = 0.1        # inches below it
+DPI = 90
+DOT = dict(s=1.5, alpha=0.6, linewidths=0, color="C0")
+
+
+def _panel(ax, points=None):
+    if points is not None:
+        ax.scatter(points[:, 0], points[:, 1], rasterized=True, **DOT)
+    ax.set_xlim(-LIMIT, LIMIT)
+    ax.set_ylim(-LIMIT, LIMIT)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def grid_size_pixels(nrows, ncols):
+    """(width, height) in pixels of the PNG that draw_grid writes."""
+    return (round((LABEL_WIDTH + ncols * CELL) * DPI), round((TITLE_HEIGHT + nrows * CELL + BOTTOM) * DPI))
+
+
+def draw_grid(rows, column_titles, path, title=""):
+    """rows: dicts with "label", "cells" (one [n, 2] array or None per column), and optional
+    "notes" (one small text per cell) and "caption" (under the label). Writes one PNG."""
+    nrows, ncols = len(rows), len(column_titles)
+    width, height = grid_size_pixels(nrows, ncols)
+    fig = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    for r, row in enumerate(rows):
+        for c in range(ncols):
+            left = (LABEL_WIDTH + c * CELL) * DPI / width
+            bottom = 1 - (TITLE_HEIGHT + (r + 1) * CELL) * DPI / height
+            ax = fig.add_axes([left, bottom, CELL * DPI / width * 0.96, CELL * DPI / height * 0.96])
+            _panel(ax, row["cells"][c])
+            if row["cells"][c] is None:
+                ax.text(0, 0, "no frame", ha="center", va="center", fontsize=8, color="gray")
+            if r == 0:
+                ax.set_title(column_titles[c], fontsize=9)
+            note = (row.get("notes") or [""] * ncols)[c]
+            if note:
+                ax.text(0.03, 0.03, note, transform=ax.transAxes, fontsize=6.5, color="0.25")
+        y = 1 - (TITLE_HEIGHT + (r + 0.5) * CELL) * DPI / height
+        fig.text(0.1 / (width / DPI), y, row["label"], fontsize=10, weight="bold", va="center")
+        if row.get("caption"):
+            fig.text(0.1 / (width / DPI), y - 0.2 * DPI / height, row["caption"], fontsize=6.5, va="top")
+    fig.suptitle(title, x=0.5, y=1 - 0.12 * DPI / height, va="top", fontsize=11)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def forward_panels(scheduler, x0, num_panels, generator):
+    """x_t of the forward process for num_panels evenly spaced t (t = 0 is the data)."""
+    T = scheduler.num_timesteps
+    steps = np.linspace(0, T, num_panels).round().astype(int)
+    noise = torch.randn(x0.shape, generator=generator)
+    panels = []
+    for t in steps:  # the same noise at every t: each point slides along its own path
+        x_t = x0 if t == 0 else scheduler.add_noise(x0, noise, torch.full((len(x0),), t - 1))
+        alpha_bar = 1.0 if t == 0 else float(scheduler.alphas_cumprod[t - 1])
+        panels.append((int(t), alpha_bar, x_t.numpy()))
+    return panels
+
+
+def draw_forward(rows, path, num_panels=7):
+    """rows: (label, scheduler, x0); one row of the forward process per schedule."""
+    grid_rows = []
+    for label, scheduler, x0 in rows:
+        panels = forward_panels(scheduler, x0, num_panels, torch.Generator().manual_seed(0))
+        grid_rows.append({"label": label, "cells": [p[2] for p in panels],
+                          "notes": [f"t={t}/{scheduler.num_timesteps}  ᾱ={a:.2f}" for t, a, _ in panels]})
+    draw_grid(grid_rows, ["data"] + [f"{i}/{num_panels - 1} of T" for i in range(1, num_panels)], path,
+              "forward process q(x_t | x_0): the data is noised step by step")
+
+
+def draw_reverse(rows, path, num_panels=7):
+    """rows: (label, trajectory [steps + 1, n, 2] from x_T to x_0)."""
+    grid_rows = []
+    for label, trajectory in rows:
+        n = len(trajectory) - 1
+        index = np.linspace(0, n, num_panels).round().astype(int)
+        grid_rows.append({"label": label, "cells": [np.asarray(trajectory[i]) for i in index],
+                          "notes": [f"step {i}/{n}" for i in index]})
+    draw_grid(grid_rows, ["noise x_T"] + [f"{i}/{num_panels - 1} of the way" for i in range(1, num_panels - 1)]
+              + ["sample x_0"], path, "reverse process p(x_{t-1} | x_t): a trained model turns noise into dinosaurs")
+
+
+def draw_animation(forward, reverse, path, max_frames=60, fps=15, hold=10):
+    """A GIF: forward [T + 1, n, 2] (data to noise), then reverse [steps + 1, n, 2] (noise to data)."""
+    def thin(frames):  # at most max_frames, always the first and the last
+        index = np.unique(np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int))
+        return [(i, np.asarray(frames[i])) for i in index]
+    T, steps = len(forward) - 1, len(reverse) - 1
+    shots = [(f"forward  t = {i}/{T}", x) for i, x in thin(forward)]
+    shots = [shots[0]] * hold + shots + [shots[-1]] * (hold // 2)
+    back = [(f"reverse  step {i}/{steps}", x) for i, x in thin(reverse)]
+    shots += back + [back[-1]] * hold
+    fig, ax = plt.subplots(figsize=(3.6, 3.6), dpi=72)
+    _panel(ax)
+    scatter = ax.scatter([], [], s=3, linewidths=0, color="C0")
+    counter = ax.set_title("", fontsize=11, family="monospace")
+    fig.tight_layout()
+
+    def update(k):
+        text, x = shots[k]
+        scatter.set_offsets(x)
+        counter.set_text(text)
+        return scatter, counter
+    FuncAnimation(fig, update, frames=len(shots), blit=False).save(path, writer=PillowWriter(fps=fps))
+    plt.close(fig)
+    return len(shots)
