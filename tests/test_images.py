@@ -1,0 +1,217 @@
+"""Images: the IDX reader, the image batches, the U-Net, the classifier score and a tiny MNIST run."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import datasets
+import ddpm
+import unet
+from conftest import ROOT, SHARED_DATA
+
+MNIST_5K = os.path.join(SHARED_DATA, "mnist-5k")
+
+
+def digit_like(n, rng):
+    """n fake 28x28 uint8 'digits': a bright bar whose position is the label, plus noise."""
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        images[i, 4:24, 2 + 2 * label:4 + 2 * label] = 255
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A data dir with the four IDX .gz files: 200 train and 100 test fake digits."""
+    folder = tmp_path_factory.mktemp("tiny_mnist")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 200), ("test", 100)):
+        images, labels = digit_like(n, rng)
+        image_file, label_file = datasets.IDX_FILES[split]
+        datasets.write_idx(str(folder / image_file), images)
+        datasets.write_idx(str(folder / label_file), labels)
+    return str(folder)
+
+
+def test_idx_round_trip(tmp_path):
+    array = np.random.default_rng(1).integers(0, 256, (7, 28, 28)).astype(np.uint8)
+    for name in ("a-idx3-ubyte", "a-idx3-ubyte.gz"):
+        datasets.write_idx(str(tmp_path / name), array)
+        back = datasets.read_idx(str(tmp_path / name))
+        assert back.dtype == np.uint8 and back.shape == (7, 28, 28)
+        np.testing.assert_array_equal(back, array)
+    raw = open(tmp_path / "a-idx3-ubyte", "rb").read()
+    assert raw[:4] == b"\x00\x00\x08\x03" and int.from_bytes(raw[4:8], "big") == 7
+
+
+@pytest.mark.parametrize("corruption, message", [
+    (lambda raw: raw[:-1], "truncated"),
+    (lambda raw: raw + b"\x00", "longer than its header"),
+    (lambda raw: b"\x01" + raw[1:], "not an IDX file"),
+    (lambda raw: raw[:2] + b"\x42" + raw[3:], "not an IDX file"),
+    (lambda raw: raw[:6], "truncated inside its header"),
+    (lambda raw: b"", "not an IDX file"),
+])
+def test_corrupt_idx_is_a_one_line_error(tmp_path, corruption, message):
+    array = np.zeros((3, 28, 28), np.uint8)
+    datasets.write_idx(str(tmp_path / "x"), array)
+    raw = open(tmp_path / "x", "rb").read()
+    path = tmp_path / "x.gz"
+    path.write_bytes(gzip.compress(corruption(raw)))
+    with pytest.raises(datasets.DataError, match=message) as error:
+        datasets.read_idx(str(path))
+    assert "\n" not in str(error.value)
+
+
+def test_broken_gzip_is_a_one_line_error(tmp_path):
+    datasets.write_idx(str(tmp_path / "x.gz"), np.zeros((3, 28, 28), np.uint8))
+    raw = (tmp_path / "x.gz").read_bytes()
+    (tmp_path / "x.gz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(datasets.DataError, match="cannot read"):
+        datasets.read_idx(str(tmp_path / "x.gz"))
+
+
+def test_image_batches_shape_range_and_subset(tiny_dir):
+    config = {"dataset": "mnist", "data_dir": tiny_dir, "dataset_size": 50, "seed": 0}
+    data, labels = datasets.load_training_data(config)
+    assert data.shape == (50, 1, 28, 28) and data.dtype == torch.float32 and labels is None
+    assert float(data.min()) == -1.0 and float(data.max()) == 1.0
+    data, labels = datasets.load_training_data({**config, "class_conditional": True})
+    assert labels.shape == (50,) and labels.dtype == torch.long and 0 <= labels.min() <= labels.max() <= 9
+    test_images, test_labels = datasets.load_images(config, "test")
+    assert test_images.shape == (100, 1, 28, 28) and len(test_labels) == 100
+
+
+def test_mismatched_images_and_labels(tmp_path, tiny_dir):
+    for name in os.listdir(tiny_dir):
+        os.symlink(os.path.join(tiny_dir, name), tmp_path / name)
+    os.remove(tmp_path / "train-labels-idx1-ubyte.gz")
+    datasets.write_idx(str(tmp_path / "train-labels-idx1-ubyte.gz"), np.zeros(199, np.uint8))
+    with pytest.raises(datasets.DataError, match="200 images but"):
+        datasets.load_images({"dataset": "mnist", "data_dir": str(tmp_path)}, "train")
+
+
+def test_missing_files_without_network_say_where_to_put_them(tmp_path, monkeypatch):
+    tried = []
+    monkeypatch.setitem(datasets.IMAGE_SOURCES["mnist"], "mirrors", ["http://127.0.0.1:9/a/", "http://127.0.0.1:9/b/"])
+    real_download = datasets.download
+    monkeypatch.setattr(datasets, "download", lambda url, path, md5: tried.append(url) or real_download(url, path, md5, 2))
+    with pytest.raises(datasets.DataError, match=f"in {tmp_path}") as error:
+        datasets.check_available({"dataset": "mnist", "data_dir": str(tmp_path)})
+    assert "\n" not in str(error.value)
+    assert tried == ["http://127.0.0.1:9/a/train-images-idx3-ubyte.gz", "http://127.0.0.1:9/b/train-images-idx3-ubyte.gz"]
+    assert os.listdir(tmp_path) == []  # nothing half-written
+
+
+def test_download_checks_md5_and_writes_atomically(tmp_path):
+    source = tmp_path / "mirror.gz"
+    source.write_bytes(b"some bytes")
+    url = source.as_uri()
+    assert not datasets.download(url, str(tmp_path / "out" / "f.gz"), "0" * 32)
+    assert os.listdir(tmp_path / "out") == []
+    import hashlib
+    assert datasets.download(url, str(tmp_path / "out" / "f.gz"), hashlib.md5(b"some bytes").hexdigest())
+    assert (tmp_path / "out" / "f.gz").read_bytes() == b"some bytes"
+
+
+@pytest.mark.skipif(not os.path.isdir(MNIST_5K), reason="no shared MNIST subset")
+def test_shared_mnist_subset_reads():
+    config = {"dataset": "mnist", "data_dir": MNIST_5K, "dataset_size": 60000, "seed": 0, "class_conditional": True}
+    data, labels = datasets.load_training_data(config)
+    assert data.shape == (4000, 1, 28, 28) and data.min() == -1 and data.max() == 1
+    assert set(labels.tolist()) == set(range(10))
+    assert -0.9 < float(data.mean()) < -0.6  # mostly black background, as MNIST is
+    assert datasets.load_images(config, "test")[0].shape == (1000, 1, 28, 28)
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="dataset-fashion-mnist not installed")
+def test_debian_fashion_mnist_is_found(tmp_path):
+    config = {"dataset": "fashion_mnist", "data_dir": str(tmp_path), "dataset_size": 100, "seed": 0}
+    data, _ = datasets.load_training_data(config)
+    assert data.shape == (100, 1, 28, 28) and data.min() >= -1 and data.max() <= 1
+    assert datasets.load_images(config, "test")[0].shape == (10000, 1, 28, 28)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_unet_shapes_and_time_dependence(conditional):
+    torch.manual_seed(0)
+    model = unet.UNet(channels=16, depth=1, attention=True, num_classes=10 if conditional else None)
+    for layer in model.modules():  # the zero-initialised output layers would hide any dependence
+        if isinstance(layer, torch.nn.Conv2d) and not layer.weight.any():
+            layer.reset_parameters()
+    x = torch.randn(3, 1, 28, 28)
+    y = torch.tensor([1, 2, 3]) if conditional else None
+    out_a = model(x, torch.tensor([0, 0, 0]), y)
+    out_b = model(x, torch.tensor([500, 500, 500]), y)
+    assert out_a.shape == (3, 1, 28, 28)
+    assert (out_a - out_b).abs().mean() > 0.01 * out_a.abs().mean()
+    if conditional:
+        assert model.null_label == 10 and model.num_classes == 10
+        out_c = model(x, torch.tensor([0, 0, 0]), torch.tensor([4, 5, 6]))
+        assert (out_c - out_a).abs().mean() > 0.01 * out_a.abs().mean()
+
+
+def test_scheduler_posterior_on_image_tensors():
+    # an analytic check on [B, 1, 28, 28]: with the true x0 of a point mass, the sampler's
+    # x0-prediction walks back to it exactly (x0-prediction, DDIM eta = 0)
+    scheduler = ddpm.NoiseScheduler(100, "cosine", prediction="x0", clip_sample=1.0)
+    target = torch.linspace(-1, 1, 28 * 28).reshape(1, 1, 28, 28)
+    model = lambda x, t: target.expand_as(x)  # noqa: E731
+    out = ddpm.sample(model, scheduler, (4, 1, 28, 28), sampler="ddim", num_inference_steps=20,
+                      generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, target.expand(4, -1, -1, -1), atol=1e-4, rtol=0)
+
+
+def test_frechet_distance_and_scorer_see_quality(tiny_dir, tmp_path):
+    import classifier
+    a = torch.randn(500, 8)
+    assert abs(classifier.frechet_distance(a, a)) < 1e-6
+    assert classifier.frechet_distance(a, a + 1) == pytest.approx(8, rel=1e-3)
+    config = {"dataset": "mnist", "data_dir": tiny_dir, "out_dir": str(tmp_path), "eval_batch_size": 100}
+    scorer = classifier.ImageScorer(config, log=lambda *a: None)
+    assert scorer.test_accuracy > 0.5 and os.path.exists(scorer.path)
+    test_images, test_labels = datasets.load_images(config, "test")
+    real = scorer(test_images, test_labels)
+    noise = scorer(torch.rand(100, 1, 28, 28) * 2 - 1)
+    assert real["score"] < noise["score"] and real["agreement"] == pytest.approx(scorer.test_accuracy)
+    assert real["confident"] >= noise["confident"] and sum(real["classes"]) == pytest.approx(1)
+    assert classifier.ImageScorer(config).test_accuracy == scorer.test_accuracy  # cached, not retrained
+
+
+def test_tiny_image_run_writes_every_output(tiny_dir, tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "ddpm.py"), "--dataset", "mnist", "--data_dir", tiny_dir,
+           "--out_dir", str(tmp_path), "--experiment_name", "tiny", "--dataset_size", "64", "--num_epochs", "2",
+           "--unet_channels", "8", "--num_timesteps", "20", "--num_inference_steps", "5", "--eval_batch_size", "16",
+           "--save_images_step", "1", "--class_conditional", "--quiet"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    exp = tmp_path / "tiny"
+    for name in ("config.json", "model.pth", "model_ema.pth", "loss.npy", "frames.npy", "metrics.csv",
+                 "loss.png", "images/0000.png", "images/0001.png"):
+        assert (exp / name).exists(), name
+    frames = np.load(exp / "frames.npy")
+    assert frames.shape == (2, 16, 1, 28, 28) and np.isfinite(frames).all() and np.abs(frames).max() <= 1 + 1e-5
+    config = json.loads((exp / "config.json").read_text())
+    assert config["num_timesteps"] == 20 and config["beta_schedule"] == "cosine" and config["sampler"] == "ddim"
+    assert len((exp / "metrics.csv").read_text().strip().splitlines()) == 3
+    model = ddpm.build_model(config)
+    model.load_state_dict(torch.load(exp / "model_ema.pth", weights_only=True))
+    assert model.num_classes == 10
+
+
+def test_corrupt_data_exits_2_with_one_line(tmp_path, tiny_dir):
+    for name in os.listdir(tiny_dir):
+        (tmp_path / name).write_bytes(open(os.path.join(tiny_dir, name), "rb").read())
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03garbage"))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "ddpm.py"), "--dataset", "mnist", "--data_dir",
+                             str(tmp_path), "--out_dir", str(tmp_path / "exps")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "train-images-idx3-ubyte.gz" in result.stderr
