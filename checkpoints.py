@@ -82,7 +82,7 @@ def load_weights(model, state_dict, path):
 
 
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "epoch", "batch", "step", "perm", "losses",
-                   "frames", "metrics", "train_rng", "sample_rng", "seconds")
+                   "frames", "metrics", "train_rng", "seconds")
 
 
 def load_checkpoint(path, model, ema_model=None, optimizer=None):

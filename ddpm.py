@@ -23,14 +23,15 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import datasets
-import metrics
 import plotting
+from frames import Frames
 from checkpoints import CheckpointError, atomic_save, atomic_save_npy, atomic_write_text, load_checkpoint
 from positional_embeddings import make_embedding
 
@@ -44,11 +45,11 @@ SAMPLERS = ("ddpm", "ddim")
 
 
 def default_beta_range(num_timesteps):
-    """DDPM's betas 1e-4 .. 0.02 were chosen for T = 1000. Rescaled by 1000 / T (as Improved
-    DDPM does) they end in pure noise for any T; with T = 50 the unscaled classic range
-    stops at alpha_bar_T = 0.60, far from the N(0, I) that sampling starts from."""
-    scale = 1000 / num_timesteps
-    return min(1e-4 * scale, 0.5), min(0.02 * scale, 0.999)
+    """DDPM's betas 1e-4 .. 0.02 were chosen for T = 1000. The last one, rescaled by 1000 / T
+    (as Improved DDPM does), makes the forward process end in noise for any T: with T = 50
+    the unscaled 0.02 stops at alpha_bar_T = 0.60, far from the N(0, I) that sampling starts
+    from. The first one stays 1e-4: the smallest noise level sets the finest detail drawn."""
+    return 1e-4, min(0.02 * 1000 / num_timesteps, 0.999)
 
 
 def make_betas(schedule, num_timesteps, beta_start, beta_end):
@@ -73,7 +74,7 @@ class NoiseScheduler:
     Timesteps are 0-based here: t = 0 .. T-1 stands for the paper's 1 .. T.
     """
 
-    def __init__(self, num_timesteps=50, beta_schedule="linear", beta_start=None, beta_end=None,
+    def __init__(self, num_timesteps=50, beta_schedule="quadratic", beta_start=None, beta_end=None,
                  prediction="epsilon", clip_sample=None, device="cpu"):
         if beta_start is None or beta_end is None:
             default_start, default_end = default_beta_range(num_timesteps)
@@ -245,11 +246,12 @@ class MLP(nn.Module):
     """Predicts the noise in 2D points: embed x, y and t, concatenate, then an MLP."""
 
     def __init__(self, hidden_size=128, hidden_layers=3, embedding_size=128, num_timesteps=50,
-                 time_embedding="sinusoidal", input_embedding="sinusoidal"):
+                 time_embedding="sinusoidal", input_embedding="sinusoidal", input_scale=25.0):
         super().__init__()
-        # sinusoidal input embeddings with scale 25 are Fourier features of the coordinates
-        self.input_embedding_x = make_embedding(input_embedding, embedding_size, scale=25.0)
-        self.input_embedding_y = make_embedding(input_embedding, embedding_size, scale=25.0)
+        # sinusoidal input embeddings are Fourier features of the coordinates: the largest
+        # frequency, input_scale, sets the finest detail the MLP can draw (Tancik et al. 2020)
+        self.input_embedding_x = make_embedding(input_embedding, embedding_size, scale=input_scale)
+        self.input_embedding_y = make_embedding(input_embedding, embedding_size, scale=input_scale)
         self.time_embedding = make_embedding(time_embedding, embedding_size, max_value=num_timesteps)
         in_size = (self.input_embedding_x.output_size + self.input_embedding_y.output_size
                    + self.time_embedding.output_size)
@@ -270,7 +272,8 @@ def build_model(config):
         import unet
         return unet.build_unet(config)
     return MLP(config["hidden_size"], config["hidden_layers"], config["embedding_size"],
-               config["num_timesteps"], config["time_embedding"], config["input_embedding"])
+               config["num_timesteps"], config["time_embedding"], config["input_embedding"],
+               config.get("input_scale", 25.0))
 
 
 def build_scheduler(config, device="cpu"):
@@ -325,7 +328,6 @@ def train(config, exp_dir, resume=False, log=print):
     start_time = time.time()
     device = pick_device(config["device"])
     torch.manual_seed(config["seed"])  # model initialisation
-    is_image = datasets.is_image_dataset(config["dataset"])
 
     data, labels = datasets.load_training_data(config)  # [N, ...], [N] or None
     data = data.to(device)
@@ -336,55 +338,59 @@ def train(config, exp_dir, resume=False, log=print):
     # fused AdamW: one kernel for all parameters instead of a dozen small ops per tensor
     fused = device in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], fused=fused)
-    scorer = metrics.make_scorer(config)
     train_generator = torch.Generator(device).manual_seed(config["seed"])
-    sample_generator = torch.Generator(device).manual_seed(config["seed"] + 1)
 
     N, B = len(data), config["train_batch_size"]
     steps_per_epoch = math.ceil(N / B)
     num_epochs = config["num_epochs"]
     T = config["num_timesteps"]
     losses = torch.zeros(num_epochs * steps_per_epoch, device=device)  # one per optimizer step
-    frames, metric_rows = [], []
+    rows = {}  # frame index -> its row of metrics.csv, without the score until the frame is made
     start_epoch, start_batch, step, perm = 0, 0, 0, None
+    parallel_frames = use_frame_worker(config, device)
+    if parallel_frames:  # leave one core to the frame worker
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    frames = Frames(config, exp_dir, device, parallel=parallel_frames)
 
     if resume:
         state = load_checkpoint(os.path.join(exp_dir, "checkpoint.pt"), model, ema_model, optimizer)
         start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
         perm = state["perm"].to(device) if state["perm"] is not None else None
         losses[:step] = state["losses"][:step].to(device)
-        frames, metric_rows = list(state["frames"]), [list(r) for r in state["metrics"]]
+        for row, frame in zip(state["metrics"], state["frames"]):
+            rows[row["frame"]] = row
+            frames.done[row["frame"]] = (frame, {k: v for k, v in row.items() if k not in METRIC_BASICS})
         train_generator.set_state(state["train_rng"])
-        sample_generator.set_state(state["sample_rng"])
         start_time -= state["seconds"]
         log(f"resuming {exp_dir} at epoch {start_epoch}, step {step}")
 
+    def finished_frames():
+        """(frames [n, ...], metric rows) of every frame made so far, after waiting for the worker."""
+        frames.collect(wait=True)
+        done = sorted(frames.done)
+        table = [{**{k: v for k, v in rows[i].items() if k != "seconds"}, **frames.done[i][1],
+                  "seconds": rows[i]["seconds"]} for i in done]  # score, floor, ... before seconds
+        return [frames.done[i][0] for i in done], table
+
     def save_checkpoint(epoch, batch):
+        frame_list, table = finished_frames()
         atomic_save({
             "model": model.state_dict(), "ema": ema_model.state_dict() if ema_model else None,
             "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch, "step": step,
             "perm": perm.cpu() if perm is not None else None, "losses": losses[:step].cpu(),
-            "frames": torch.stack(frames) if frames else torch.zeros(0), "metrics": metric_rows,
-            "train_rng": train_generator.get_state(), "sample_rng": sample_generator.get_state(),
-            "seconds": time.time() - start_time,
+            "frames": torch.stack(frame_list) if frame_list else torch.zeros(0), "metrics": table,
+            "train_rng": train_generator.get_state(), "seconds": time.time() - start_time,
         }, os.path.join(exp_dir, "checkpoint.pt"))
+        return frame_list, table
 
-    def sample_frame():
-        shape = (config["eval_batch_size"], *data.shape[1:])
-        frame_labels = None
-        if labels is not None:  # class-conditional: an even spread of labels
-            frame_labels = torch.arange(shape[0], device=device) % model.num_classes
-        net = ema_model if ema_model is not None else model
-        net.eval()
-        x = sample(net, scheduler, shape, sampler=config["sampler"],
-                   num_inference_steps=config["num_inference_steps"], eta=config["eta"],
-                   generator=sample_generator, device=device, labels=frame_labels,
-                   guidance_scale=config.get("guidance_scale", 1.0))
-        model.train()
-        return x.cpu()
+    def show_latest_score(epoch_loss):
+        frames.collect()
+        if frames.done:
+            score = frames.done[max(frames.done)][1]
+            progress.set_postfix(loss=f"{epoch_loss:.3f}", score=f"{score['score']:.4f}",
+                                 floor=f"{score['floor']:.4f}", refresh=False)
 
     total_steps = num_epochs * steps_per_epoch
-    sampling_seconds = 0.0  # time spent drawing and scoring frames
     progress = tqdm(total=total_steps, initial=step, desc=config["experiment_name"], unit="step",
                     mininterval=0.5, dynamic_ncols=True, disable=config.get("quiet", False))
     with StopRequest() as stop:
@@ -416,9 +422,9 @@ def train(config, exp_dir, resume=False, log=print):
                 losses[step] = loss.detach()  # stays on the device: no host sync per step
                 step += 1
                 if stop.signal is not None:
-                    save_checkpoint(epoch, batch + 1)
-                    write_outputs(exp_dir, config, model, ema_model, losses[:step], frames, metric_rows,
-                                  is_image, draw=False)
+                    frame_list, table = save_checkpoint(epoch, batch + 1)
+                    frames.close()
+                    write_outputs(exp_dir, config, model, ema_model, losses[:step], frame_list, table)
                     progress.close()
                     name = "SIGINT" if stop.signal == signal.SIGINT else "SIGTERM"
                     log(f"{name}: stopped at step {step} (epoch {epoch}); checkpoint written. "
@@ -433,6 +439,7 @@ def train(config, exp_dir, resume=False, log=print):
             if not math.isfinite(epoch_loss):
                 bad = int(torch.nonzero(~torch.isfinite(epoch_losses))[0]) + step - steps_per_epoch
                 progress.close()
+                frames.close()
                 raise NonFiniteLoss(
                     f"the loss became non-finite at step {bad} (epoch {epoch}); the learning rate "
                     f"{config['learning_rate']:g} is probably too high (or the data has NaN/inf). "
@@ -440,49 +447,55 @@ def train(config, exp_dir, resume=False, log=print):
             progress.update(steps_per_epoch)
             last_epoch = epoch == num_epochs - 1
             if (epoch + 1) % config["save_images_step"] == 0 or last_epoch:
-                tic = time.time()
-                frame = sample_frame()
-                frames.append(frame)
-                score = scorer(frame)
-                sampling_seconds += time.time() - tic
-                metric_rows.append([len(frames) - 1, epoch, step, epoch_loss, score["score"],
-                                    score["floor"], time.time() - start_time])
-                progress.set_postfix(loss=f"{epoch_loss:.3f}", score=f"{score['score']:.4f}",
-                                     floor=f"{score['floor']:.4f}", refresh=False)
+                index = len(rows)
+                rows[index] = {"frame": index, "epoch": epoch, "step": step, "loss": epoch_loss,
+                               "seconds": time.time() - start_time}
+                frames.submit(index, epoch, ema_model if ema_model is not None else model)
+                show_latest_score(epoch_loss)
             if (epoch + 1) % config["checkpoint_every"] == 0 or last_epoch:
                 save_checkpoint(epoch + 1, 0)
     progress.close()
+    frame_list, table = finished_frames()
+    frames.close()
     loop_seconds = time.time() - start_time
-    write_outputs(exp_dir, config, model, ema_model, losses[:step], frames, metric_rows, is_image)
-    final = metric_rows[-1]
-    return {"score": final[4], "floor": final[5], "loss": final[3], "steps": step,
-            "train_seconds": loop_seconds - sampling_seconds, "sampling_seconds": sampling_seconds,
-            "writing_seconds": time.time() - start_time - loop_seconds, "seconds": time.time() - start_time}
+    write_outputs(exp_dir, config, model, ema_model, losses[:step], frame_list, table)
+    final = table[-1]
+    return {"score": final["score"], "floor": final["floor"], "loss": final["loss"], "steps": step,
+            "loop_seconds": loop_seconds, "seconds": time.time() - start_time, "frames": len(table),
+            "sampling_seconds": frames.seconds["sampling"], "drawing_seconds": frames.seconds["drawing"],
+            "parallel_frames": parallel_frames}
+
+
+def use_frame_worker(config, device):
+    """Make frames in a worker process on a CPU with a core to spare (frames.py says why)."""
+    choice = config.get("frame_worker", "auto")
+    if choice == "auto":  # worth a process start (a few seconds) only for a real amount of sampling
+        n_frames = config["num_epochs"] // config["save_images_step"] + 1
+        work = n_frames * config["eval_batch_size"] * (config["num_inference_steps"] or config["num_timesteps"])
+        return (device == "cpu" and (os.cpu_count() or 1) >= 2 and work >= 2_000_000
+                and not datasets.is_image_dataset(config["dataset"]))
+    return choice == "on"
 
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
-METRIC_COLUMNS = ["frame", "epoch", "step", "loss", "score", "floor", "seconds"]
+METRIC_BASICS = ("frame", "epoch", "step", "loss", "seconds")  # known when a frame is asked for
 
 
-def write_outputs(exp_dir, config, model, ema_model, losses, frames, metric_rows, is_image, draw=True):
-    """model.pth, model_ema.pth, loss.npy, frames.npy, metrics.csv and the PNGs; each atomically."""
+def write_outputs(exp_dir, config, model, ema_model, losses, frames, table):
+    """model.pth, model_ema.pth, loss.npy, loss.png, frames.npy and metrics.csv, each atomically.
+    (The frame PNGs are drawn as the frames are made.)"""
     atomic_save(model.state_dict(), os.path.join(exp_dir, "model.pth"))
     if ema_model is not None:
         atomic_save(ema_model.state_dict(), os.path.join(exp_dir, "model_ema.pth"))
     losses = losses.cpu().numpy()
-    frames = torch.stack(frames).numpy() if frames else np.zeros((0, config["eval_batch_size"], 2), np.float32)
+    shape = (0, config["eval_batch_size"], *datasets.sample_shape(config))
     atomic_save_npy(os.path.join(exp_dir, "loss.npy"), losses)
-    atomic_save_npy(os.path.join(exp_dir, "frames.npy"), frames)
-    csv = ",".join(METRIC_COLUMNS) + "\n" + "".join(
-        f"{int(r[0])},{int(r[1])},{int(r[2])},{r[3]:.6f},{r[4]:.6g},{r[5]:.6g},{r[6]:.2f}\n" for r in metric_rows)
-    atomic_write_text(os.path.join(exp_dir, "metrics.csv"), csv)
-    if draw:
-        plotting.draw_frames(frames, os.path.join(exp_dir, "images"), is_image=is_image,
-                             epochs=[int(r[1]) + 1 for r in metric_rows])
-        plotting.draw_loss(losses, os.path.join(exp_dir, "loss.png"))
+    atomic_save_npy(os.path.join(exp_dir, "frames.npy"), torch.stack(frames).numpy() if frames else np.zeros(shape))
+    atomic_write_text(os.path.join(exp_dir, "metrics.csv"), pd.DataFrame(table).to_csv(index=False, float_format="%.6g"))
+    plotting.draw_loss(losses, os.path.join(exp_dir, "loss.png"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -526,16 +539,16 @@ def build_parser():
     p.add_argument("--dataset", default="dino", choices=datasets.DATASETS, help="what to learn to draw")
     p.add_argument("--dataset_size", type=positive_int, default=8000,
                    help="training points (2D) or the number of images to use")
-    p.add_argument("--train_batch_size", type=positive_int, default=32, help="examples per optimizer step")
+    p.add_argument("--train_batch_size", type=positive_int, default=128, help="examples per optimizer step")
     p.add_argument("--eval_batch_size", type=positive_int, default=1000, help="samples drawn per frame")
     p.add_argument("--num_epochs", type=positive_int, default=200, help="passes over the training data")
-    p.add_argument("--learning_rate", type=positive_float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--learning_rate", type=positive_float, default=2e-3, help="AdamW learning rate")
     p.add_argument("--num_timesteps", type=positive_int, default=50, help="T, the length of the diffusion")
-    p.add_argument("--beta_schedule", default="linear", choices=SCHEDULES, help="how the noise variance grows")
-    p.add_argument("--beta_start", type=unit_interval, default=None,
-                   help="first beta (linear/quadratic/sigmoid); default 1e-4 * 1000/T")
+    p.add_argument("--beta_schedule", default="quadratic", choices=SCHEDULES, help="how the noise variance grows")
+    p.add_argument("--beta_start", type=unit_interval, default=1e-4,
+                   help="first beta (linear/quadratic/sigmoid)")
     p.add_argument("--beta_end", type=unit_interval, default=None,
-                   help="last beta; default 0.02 * 1000/T (the classic used 1e-4 .. 0.02 unscaled)")
+                   help="last beta; default 0.02 * 1000/T, which ends in noise for any T (the classic: 0.02)")
     p.add_argument("--prediction", default="epsilon", choices=PREDICTIONS, help="what the network predicts")
     p.add_argument("--embedding_size", type=positive_int, default=128, help="features per embedded scalar")
     p.add_argument("--hidden_size", type=positive_int, default=128, help="width of the MLP")
@@ -544,7 +557,9 @@ def build_parser():
                    help="how the MLP sees t (zero: it does not)")
     p.add_argument("--input_embedding", default="sinusoidal",
                    choices=("sinusoidal", "learnable", "linear", "identity"), help="how the MLP sees x and y")
-    p.add_argument("--ema_decay", type=ema_range, default=0.0,
+    p.add_argument("--input_scale", type=positive_float, default=100.0,
+                   help="largest frequency of the sinusoidal input embedding (finest detail)")
+    p.add_argument("--ema_decay", type=ema_range, default=0.995,
                    help="EMA of the weights for frames and sampling; 0 turns it off")
     p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="sampler for the frames")
     p.add_argument("--num_inference_steps", type=positive_int, default=None,
@@ -557,6 +572,8 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue the experiment from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing experiment")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--frame_worker", default="auto", choices=("auto", "on", "off"),
+                   help="make frames in a second process while training (auto: 2D runs on a multi-core CPU)")
     images = p.add_argument_group("images (--dataset mnist / fashion_mnist)")
     images.add_argument("--data_dir", default=None,
                         help="folder of the IDX .gz files (default: data/DATASET; downloaded when missing)")
@@ -577,9 +594,9 @@ def build_parser():
 # Defaults measured for 28x28 images on a 2-core CPU (README, "Images"), used for the flags a
 # command line does not give when --dataset is an image dataset; 2D keeps the defaults above.
 IMAGE_DEFAULTS = {"dataset_size": 60000, "num_timesteps": 1000, "beta_schedule": "cosine",
-                  "train_batch_size": 64, "learning_rate": 1e-3, "ema_decay": 0.999, "num_epochs": 40,
+                  "train_batch_size": 64, "learning_rate": 1e-3, "ema_decay": 0.999, "num_epochs": 30,
                   "sampler": "ddim", "num_inference_steps": 50, "eval_batch_size": 1000,
-                  "save_images_step": 20}
+                  "save_images_step": 15}
 
 
 def apply_image_defaults(config, parser, argv):
@@ -611,7 +628,7 @@ def validate(config, parser):
         parser.error("--resume and --overwrite exclude each other")
 
 
-RUN_FLAGS = ("resume", "overwrite", "quiet", "device")  # how to run, not what to train
+RUN_FLAGS = ("resume", "overwrite", "quiet", "device", "frame_worker")  # how to run, not what to train
 
 
 def prepare_experiment(config, parser):
@@ -676,8 +693,7 @@ def main(argv=None):
         result = train(config, exp_dir, resume=config["resume"])
     except (NonFiniteLoss, CheckpointError) as e:
         sys.exit(f"ddpm.py: error: {e}")
-    print(f"done in {result['seconds']:.1f} s (training {result['train_seconds']:.1f} s, frames "
-          f"{result['sampling_seconds']:.1f} s, writing {result['writing_seconds']:.1f} s): final score {result['score']:.5g} "
+    print(f"done in {result['seconds']:.1f} s ({result['steps']} steps, {result['frames']} frames): final score {result['score']:.5g} "
           f"(noise floor {result['floor']:.5g}, ratio {result['score'] / result['floor']:.2f}), "
           f"outputs in {exp_dir}")
     return result

@@ -27,32 +27,47 @@ def image_grid(images, ncols=None):
     return grid
 
 
-def draw_frames(frames, folder, is_image=False, epochs=None, max_images=100):
-    """One PNG per frame: images/0000.png, 0001.png, ..."""
-    os.makedirs(folder, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=80)
-    if is_image:
-        artist = ax.imshow(np.zeros((2, 2)), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.axis("off")
-    else:
-        artist = ax.scatter([], [], s=4, alpha=0.6, linewidths=0)
-        ax.set_xlim(-LIMIT, LIMIT)
-        ax.set_ylim(-LIMIT, LIMIT)
-        ax.set_aspect("equal")
-    title = ax.set_title("")
-    fig.tight_layout()
-    for i, frame in enumerate(frames):
+class FrameDrawer:
+    """Draws frames into PNGs with one reused figure: a scatter for points, a grid for images."""
+
+    def __init__(self, is_image=False, max_images=100):
+        self.is_image, self.max_images = is_image, max_images
+        self.fig, self.ax = plt.subplots(figsize=(5, 5), dpi=80)
         if is_image:
-            grid = image_grid(frame[:max_images].reshape(-1, *frame.shape[-2:]))
-            artist.set_data(grid)
-            artist.set_extent((0, grid.shape[1], grid.shape[0], 0))
-            ax.set_xlim(0, grid.shape[1])
-            ax.set_ylim(grid.shape[0], 0)
+            self.artist = self.ax.imshow(np.zeros((2, 2)), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            self.ax.axis("off")
         else:
-            artist.set_offsets(frame)
-        title.set_text(f"epoch {epochs[i]}" if epochs is not None else f"frame {i}")
-        fig.savefig(os.path.join(folder, f"{i:04d}.png"))
-    plt.close(fig)
+            self.artist = self.ax.scatter([], [], s=4, alpha=0.6, linewidths=0)
+            self.ax.set_xlim(-LIMIT, LIMIT)
+            self.ax.set_ylim(-LIMIT, LIMIT)
+            self.ax.set_aspect("equal")
+        self.title = self.ax.set_title("")
+        self.fig.tight_layout()
+
+    def draw(self, frame, path, title=""):
+        if self.is_image:
+            grid = image_grid(frame[:self.max_images].reshape(-1, *frame.shape[-2:]))
+            self.artist.set_data(grid)
+            self.artist.set_extent((0, grid.shape[1], grid.shape[0], 0))
+            self.ax.set_xlim(0, grid.shape[1])
+            self.ax.set_ylim(grid.shape[0], 0)
+        else:
+            self.artist.set_offsets(frame)
+        self.title.set_text(title)
+        self.fig.savefig(path)
+
+    def close(self):
+        plt.close(self.fig)
+
+
+def draw_frames(frames, folder, is_image=False, epochs=None):
+    """One PNG per frame: folder/0000.png, 0001.png, ..."""
+    os.makedirs(folder, exist_ok=True)
+    drawer = FrameDrawer(is_image)
+    for i, frame in enumerate(frames):
+        drawer.draw(frame, os.path.join(folder, f"{i:04d}.png"),
+                    f"epoch {epochs[i]}" if epochs is not None else f"frame {i}")
+    drawer.close()
 
 
 def draw_loss(losses, path):

@@ -62,6 +62,12 @@ def test_same_seed_same_outputs(tmp_path):
     _, loss_c, frames_c = outputs(tmp_path / "c")
     assert np.array_equal(loss_a, loss_b) and np.array_equal(frames_a, frames_b)
     assert not np.array_equal(loss_a, loss_c)
+    # frames made in the worker process are the very same frames
+    d = train(tmp_path, "d", *TINY, "--frame_worker", "on")
+    assert d.returncode == 0, d.stderr
+    _, loss_d, frames_d = outputs(tmp_path / "d")
+    assert np.array_equal(loss_a, loss_d) and np.array_equal(frames_a, frames_d)
+    assert sorted(os.listdir(tmp_path / "d" / "images")) == ["0000.png", "0001.png", "0002.png"]
 
 
 def test_training_learns(tmp_path):

@@ -1,0 +1,112 @@
+"""The frames of a training run: sample, score and draw the model as it was at an epoch.
+
+A frame is `eval_batch_size` samples from the full reverse process. On a CPU with two or
+more cores the frames are made in one worker process while training goes on: training
+a small MLP at batch 32 cannot use a second core, but sampling 1,000 points x 50 steps
+per frame can (see bench.py). Each frame's noise comes from its own generator, seeded
+by (seed, frame index), so a frame is the same whichever process makes it and whenever
+(after a resume too).
+"""
+import concurrent.futures
+import multiprocessing
+import os
+import signal
+import time
+
+import torch
+
+import datasets
+import metrics
+import plotting
+
+
+def frame_generator(seed, frame_index, device="cpu"):
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + frame_index + 1)
+
+
+class FrameMaker:
+    """Makes frames from a snapshot of the weights: samples, scores them, draws the PNG."""
+
+    def __init__(self, config, exp_dir, device):
+        import ddpm  # here, not at the top: ddpm imports this module
+        self.ddpm, self.config, self.device = ddpm, config, device
+        self.model = ddpm.build_model(config).to(device).eval()
+        self.scheduler = ddpm.build_scheduler(config, device)
+        self.scorer = metrics.make_scorer(config)
+        self.shape = (config["eval_batch_size"], *datasets.sample_shape(config))
+        self.images = os.path.join(exp_dir, "images")
+        os.makedirs(self.images, exist_ok=True)
+        self.drawer = plotting.FrameDrawer(datasets.is_image_dataset(config["dataset"]))
+
+    def __call__(self, frame_index, epoch, state_dict):
+        tic = time.perf_counter()
+        self.model.load_state_dict(state_dict)
+        labels = None
+        if getattr(self.model, "num_classes", None):  # class-conditional: an even spread of labels
+            labels = torch.arange(self.shape[0], device=self.device) % self.model.num_classes
+        x = self.ddpm.sample(self.model, self.scheduler, self.shape, sampler=self.config["sampler"],
+                             num_inference_steps=self.config["num_inference_steps"], eta=self.config["eta"],
+                             generator=frame_generator(self.config["seed"], frame_index, self.device),
+                             device=self.device, labels=labels,
+                             guidance_scale=self.config.get("guidance_scale", 1.0)).cpu()
+        score = self.scorer(x)
+        sampled = time.perf_counter()
+        self.drawer.draw(x.numpy(), os.path.join(self.images, f"{frame_index:04d}.png"), f"epoch {epoch + 1}")
+        return frame_index, x, score, {"sampling": sampled - tic, "drawing": time.perf_counter() - sampled}
+
+
+_worker_maker = None
+
+
+def _start_worker(config, exp_dir):
+    global _worker_maker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer, which then waits for us
+    torch.set_num_threads(1)
+    _worker_maker = FrameMaker(config, exp_dir, "cpu")
+
+
+def _run_in_worker(frame_index, epoch, state_dict):
+    return _worker_maker(frame_index, epoch, state_dict)
+
+
+class Frames:
+    """Hands frame jobs to a worker process (parallel=True) or makes them at once, and keeps
+    the finished frames in order: `done` maps frame index -> (samples, score)."""
+
+    def __init__(self, config, exp_dir, device, parallel):
+        self.done, self.pending = {}, []
+        self.seconds = {"sampling": 0.0, "drawing": 0.0}  # spent making frames, in whichever process
+        if parallel:
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                initargs=(config, exp_dir))
+        else:
+            self.pool, self.maker = None, FrameMaker(config, exp_dir, device)
+
+    def submit(self, frame_index, epoch, model):
+        state_dict = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if self.pool is None:
+            self._store(self.maker(frame_index, epoch, state_dict))
+        else:
+            self.pending.append(self.pool.submit(_run_in_worker, frame_index, epoch, state_dict))
+
+    def collect(self, wait=False):
+        """Move finished jobs into `done`; with wait=True, all of them."""
+        still = []
+        for future in self.pending:
+            if wait or future.done():
+                self._store(future.result())
+            else:
+                still.append(future)
+        self.pending = still
+
+    def _store(self, result):
+        frame_index, x, score, seconds = result
+        self.done[frame_index] = (x, score)
+        for key, value in seconds.items():
+            self.seconds[key] += value
+
+    def close(self):
+        if self.pool is not None:
+            self.collect(wait=True)
+            self.pool.shutdown()
