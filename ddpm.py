@@ -25,6 +25,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -304,14 +305,31 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def pick_device(name):
+def pick_device(name, rank=0):
+    """auto: cuda, then mps, then cpu. Under torchrun each rank takes the GPU of its local rank."""
     if name == "auto":
         if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
     return name
+
+
+def init_distributed(device):
+    """Join torchrun's process group when WORLD_SIZE > 1: gloo on CPU, nccl on CUDA. (rank, world_size)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device == "cpu":  # share the cores between the ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    return torch.distributed.get_rank(), world_size
 
 
 def ema_decay_at(step, decay):
@@ -319,15 +337,34 @@ def ema_decay_at(step, decay):
     return min(decay, (1 + step) / (10 + step))
 
 
-def train(config, exp_dir, resume=False, log=print):
+def training_step(net, scheduler, optimizer, x_start, noise, t, labels=None, precision="fp32"):
+    """One optimizer step of Algorithm 1 on a batch: noise it (eq. 4), regress the target (eq. 14).
+    `net` may be the model itself or its DistributedDataParallel / torch.compile wrapper."""
+    x_t = scheduler.add_noise(x_start, noise, t)                     # forward process, eq. 4
+    with torch.autocast(x_start.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        prediction = net(x_t, t) if labels is None else net(x_t, t, labels)
+    target = scheduler.training_target(x_start, noise, t)
+    loss = F.mse_loss(prediction.float(), target)                    # eq. 14, the simple loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()                                                  # DDP averages gradients here
+    nn.utils.clip_grad_norm_(net.parameters(), 1.0, foreach=True)
+    optimizer.step()
+    return loss.detach()
+
+
+def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
     """Train a diffusion model as `config` says, writing every output to `exp_dir`.
 
     Returns a dict with the final score, floor and timing. Writes a checkpoint every
     `checkpoint_every` epochs and on SIGINT/SIGTERM, and resumes from one if `resume`.
+    Under torchrun (world_size > 1) each rank trains on its own shard of every epoch and
+    rank 0 alone makes frames and writes files.
     """
     start_time = time.time()
-    device = pick_device(config["device"])
-    torch.manual_seed(config["seed"])  # model initialisation
+    device = pick_device(config["device"], rank)
+    distributed = world_size > 1
+    main_process = rank == 0
+    torch.manual_seed(config["seed"])  # model initialisation: the same on every rank
 
     data, labels = datasets.load_training_data(config)  # [N, ...], [N] or None
     data = data.to(device)
@@ -336,33 +373,49 @@ def train(config, exp_dir, resume=False, log=print):
     model = build_model(config).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False) if config["ema_decay"] > 0 else None
     # fused AdamW: one kernel for all parameters instead of a dozen small ops per tensor
-    fused = device in ("cpu", "cuda")
+    fused = device.split(":")[0] in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], fused=fused)
-    train_generator = torch.Generator(device).manual_seed(config["seed"])
+    net = model  # what the training step calls: the model, or a wrapper that shares its weights
+    if distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+    if config.get("compile"):
+        net = torch.compile(net)
+    # the order of the examples is the same on every rank; the noise differs from rank to rank
+    order_generator = torch.Generator(device).manual_seed(config["seed"])
+    noise_generator = (torch.Generator(device).manual_seed(config["seed"] + 1 + rank) if distributed
+                       else order_generator)
 
     N, B = len(data), config["train_batch_size"]
-    steps_per_epoch = math.ceil(N / B)
+    shard_size = N // world_size  # rank r takes positions r, r + W, ... of each epoch's order
+    steps_per_epoch = math.ceil(shard_size / B)
     num_epochs = config["num_epochs"]
     T = config["num_timesteps"]
     losses = torch.zeros(num_epochs * steps_per_epoch, device=device)  # one per optimizer step
     rows = {}  # frame index -> its row of metrics.csv, without the score until the frame is made
     start_epoch, start_batch, step, perm = 0, 0, 0, None
-    parallel_frames = use_frame_worker(config, device)
-    if parallel_frames:  # leave one core to the frame worker
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
-    frames = Frames(config, exp_dir, device, parallel=parallel_frames)
+    parallel_frames = main_process and use_frame_worker(config, device)
+    if device == "cpu" and not datasets.is_image_dataset(config["dataset"]) and not distributed:
+        # the MLP's matrices are tiny: a second thread gains little, and it spins against the
+        # frame worker or any other busy process (measured in bench.py)
+        torch.set_num_threads(1)
+    frames = Frames(config, exp_dir, device, parallel=parallel_frames) if main_process else None
 
     if resume:
         state = load_checkpoint(os.path.join(exp_dir, "checkpoint.pt"), model, ema_model, optimizer)
         start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
         perm = state["perm"].to(device) if state["perm"] is not None else None
         losses[:step] = state["losses"][:step].to(device)
-        for row, frame in zip(state["metrics"], state["frames"]):
-            rows[row["frame"]] = row
-            frames.done[row["frame"]] = (frame, {k: v for k, v in row.items() if k not in METRIC_BASICS})
-        train_generator.set_state(state["train_rng"])
+        order_generator.set_state(state["train_rng"])
+        if distributed:
+            if len(state.get("rank_rngs") or []) != world_size:
+                raise CheckpointError(f"{exp_dir} was trained with another number of processes")
+            noise_generator.set_state(state["rank_rngs"][rank])
+        if main_process:
+            for row, frame in zip(state["metrics"], state["frames"]):
+                rows[row["frame"]] = row
+                frames.done[row["frame"]] = (frame, {k: v for k, v in row.items() if k not in METRIC_BASICS})
+            log(f"resuming {exp_dir} at epoch {start_epoch}, step {step}")
         start_time -= state["seconds"]
-        log(f"resuming {exp_dir} at epoch {start_epoch}, step {step}")
 
     def finished_frames():
         """(frames [n, ...], metric rows) of every frame made so far, after waiting for the worker."""
@@ -373,88 +426,99 @@ def train(config, exp_dir, resume=False, log=print):
         return [frames.done[i][0] for i in done], table
 
     def save_checkpoint(epoch, batch):
+        """On every rank at the same step (the ranks' noise generators are gathered); rank 0 writes."""
+        rank_rngs = None
+        if distributed:
+            rank_rngs = [None] * world_size
+            torch.distributed.all_gather_object(rank_rngs, noise_generator.get_state())
+        if not main_process:
+            return None, None
         frame_list, table = finished_frames()
         atomic_save({
             "model": model.state_dict(), "ema": ema_model.state_dict() if ema_model else None,
             "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch, "step": step,
             "perm": perm.cpu() if perm is not None else None, "losses": losses[:step].cpu(),
             "frames": torch.stack(frame_list) if frame_list else torch.zeros(0), "metrics": table,
-            "train_rng": train_generator.get_state(), "seconds": time.time() - start_time,
+            "train_rng": order_generator.get_state(), "rank_rngs": rank_rngs,
+            "seconds": time.time() - start_time,
         }, os.path.join(exp_dir, "checkpoint.pt"))
         return frame_list, table
 
-    def show_latest_score(epoch_loss):
-        frames.collect()
-        if frames.done:
-            score = frames.done[max(frames.done)][1]
-            progress.set_postfix(loss=f"{epoch_loss:.3f}", score=f"{score['score']:.4f}",
-                                 floor=f"{score['floor']:.4f}", refresh=False)
+    def stop_here(epoch, batch, signum):
+        frame_list, table = save_checkpoint(epoch, batch)
+        if main_process:
+            frames.close()
+            write_outputs(exp_dir, config, model, ema_model, losses[:step], frame_list, table)
+            progress.close()
+            name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
+            log(f"{name}: stopped at step {step} (epoch {epoch}); checkpoint written. Continue with: "
+                f"python ddpm.py --experiment_name {config['experiment_name']} --out_dir {config['out_dir']} --resume")
+        sys.exit(130 if signum == signal.SIGINT else 143)
 
     total_steps = num_epochs * steps_per_epoch
-    progress = tqdm(total=total_steps, initial=step, desc=config["experiment_name"], unit="step",
-                    mininterval=0.5, dynamic_ncols=True, disable=config.get("quiet", False))
+    progress = tqdm(total=total_steps, initial=step, desc=config["experiment_name"], unit="step", mininterval=0.5,
+                    dynamic_ncols=True, disable=config.get("quiet", False) or not main_process)
     with StopRequest() as stop:
         for epoch in range(start_epoch, num_epochs):
             if perm is None:
-                perm = torch.randperm(N, generator=train_generator, device=device)
+                perm = torch.randperm(N, generator=order_generator, device=device)
+            shard = perm[rank:shard_size * world_size:world_size]
             model.train()
             for batch in range(start_batch, steps_per_epoch):
-                index = perm[batch * B:(batch + 1) * B]
+                index = shard[batch * B:(batch + 1) * B]
                 x_start = data[index]
-                noise = torch.randn(x_start.shape, generator=train_generator, device=device)
-                t = torch.randint(0, T, (len(x_start),), generator=train_generator, device=device)
-                x_t = scheduler.add_noise(x_start, noise, t)          # forward process, eq. 4
-                if labels is None:
-                    prediction = model(x_t, t)
-                else:  # drop the label 10% of the time so the model also learns p(x)
-                    y = labels[index]
-                    drop = torch.rand(len(y), generator=train_generator, device=device) < 0.1
-                    prediction = model(x_t, t, torch.where(drop, model.null_label, y))
-                target = scheduler.training_target(x_start, noise, t)
-                loss = F.mse_loss(prediction, target)                 # eq. 14, the simple loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-                optimizer.step()
+                noise = torch.randn(x_start.shape, generator=noise_generator, device=device)
+                t = torch.randint(0, T, (len(x_start),), generator=noise_generator, device=device)
+                y = None
+                if labels is not None:  # drop the label 10% of the time so the model also learns p(x)
+                    drop = torch.rand(len(index), generator=noise_generator, device=device) < 0.1
+                    y = torch.where(drop, model.null_label, labels[index])
+                losses[step] = training_step(net, scheduler, optimizer, x_start, noise, t, y, config["precision"])
                 if ema_model is not None:
                     decay = ema_decay_at(step, config["ema_decay"])
                     torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
-                losses[step] = loss.detach()  # stays on the device: no host sync per step
                 step += 1
-                if stop.signal is not None:
-                    frame_list, table = save_checkpoint(epoch, batch + 1)
-                    frames.close()
-                    write_outputs(exp_dir, config, model, ema_model, losses[:step], frame_list, table)
-                    progress.close()
-                    name = "SIGINT" if stop.signal == signal.SIGINT else "SIGTERM"
-                    log(f"{name}: stopped at step {step} (epoch {epoch}); checkpoint written. "
-                        f"Continue with: python ddpm.py --experiment_name {config['experiment_name']} "
-                        f"--out_dir {config['out_dir']} --resume")
-                    sys.exit(130 if stop.signal == signal.SIGINT else 143)
+                if stop.signal is not None and not distributed:  # under DDP the ranks stop together, below
+                    stop_here(epoch, batch + 1, stop.signal)
             start_batch, perm = 0, None
 
-            # once per epoch: one host sync for the epoch's losses
+            # once per epoch: one host sync (and under DDP one all-reduce) for the epoch's losses
             epoch_losses = losses[step - steps_per_epoch:step]
+            if distributed:
+                flag = torch.tensor([float(stop.signal or 0)], device=device)
+                reduced = torch.cat([epoch_losses, flag])
+                torch.distributed.all_reduce(reduced[:-1])                      # sum of the ranks' losses
+                torch.distributed.all_reduce(reduced[-1:], op=torch.distributed.ReduceOp.MAX)
+                epoch_losses.copy_(reduced[:-1] / world_size)                  # loss.npy: the mean over ranks
+                if reduced[-1] > 0:
+                    stop_here(epoch + 1, 0, int(reduced[-1]))
             epoch_loss = float(epoch_losses.mean())
             if not math.isfinite(epoch_loss):
                 bad = int(torch.nonzero(~torch.isfinite(epoch_losses))[0]) + step - steps_per_epoch
                 progress.close()
-                frames.close()
+                if frames is not None:
+                    frames.close()
                 raise NonFiniteLoss(
                     f"the loss became non-finite at step {bad} (epoch {epoch}); the learning rate "
                     f"{config['learning_rate']:g} is probably too high (or the data has NaN/inf). "
                     "Nothing after the last good checkpoint was written.")
             progress.update(steps_per_epoch)
             last_epoch = epoch == num_epochs - 1
-            if (epoch + 1) % config["save_images_step"] == 0 or last_epoch:
+            if main_process and ((epoch + 1) % config["save_images_step"] == 0 or last_epoch):
                 index = len(rows)
                 rows[index] = {"frame": index, "epoch": epoch, "step": step, "loss": epoch_loss,
                                "seconds": time.time() - start_time}
                 frames.submit(index, epoch, ema_model if ema_model is not None else model)
-                show_latest_score(epoch_loss)
+                frames.collect()
+                if frames.done:
+                    latest = frames.done[max(frames.done)][1]
+                    progress.set_postfix(loss=f"{epoch_loss:.3f}", score=f"{latest['score']:.4f}",
+                                         floor=f"{latest['floor']:.4f}", refresh=False)
             if (epoch + 1) % config["checkpoint_every"] == 0 or last_epoch:
                 save_checkpoint(epoch + 1, 0)
     progress.close()
+    if not main_process:
+        return None
     frame_list, table = finished_frames()
     frames.close()
     loop_seconds = time.time() - start_time
@@ -572,6 +636,9 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue the experiment from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing experiment")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16: autocast the network's forward pass to bfloat16 (CUDA, recent CPUs)")
+    p.add_argument("--compile", action="store_true", help="wrap the model with torch.compile")
     p.add_argument("--frame_worker", default="auto", choices=("auto", "on", "off"),
                    help="make frames in a second process while training (auto: 2D runs on a multi-core CPU)")
     images = p.add_argument_group("images (--dataset mnist / fashion_mnist)")
@@ -628,7 +695,7 @@ def validate(config, parser):
         parser.error("--resume and --overwrite exclude each other")
 
 
-RUN_FLAGS = ("resume", "overwrite", "quiet", "device", "frame_worker")  # how to run, not what to train
+RUN_FLAGS = ("resume", "overwrite", "quiet", "device", "frame_worker", "compile")  # how to run, not what to train
 
 
 def prepare_experiment(config, parser):
@@ -681,21 +748,46 @@ def main(argv=None):
         datasets.check_available(config)
     except datasets.DataError as e:
         parser.error(str(e))
-    exp_dir, config = prepare_experiment(config, parser)
-    device = pick_device(config["device"])
-    if device == "cuda" and not torch.cuda.is_available():
+    if config["device"] == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
-    print(f"device: {device}; writing to {exp_dir}", flush=True)
-    saved_config = {k: v for k, v in config.items() if k not in RUN_FLAGS}
-    saved_config["world_size"] = 1
-    atomic_write_text(os.path.join(exp_dir, "config.json"), json.dumps(saved_config, indent=2) + "\n")
+    if config["device"] == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        parser.error("--device mps: MPS is not available on this machine")
+    device = pick_device(config["device"])
+    rank, world_size = init_distributed(device)
+    if rank == 0:
+        try:
+            prepared = prepare_experiment(config, parser)
+        except SystemExit:
+            if world_size > 1:  # tell the other ranks to stop too
+                torch.distributed.broadcast_object_list([None], src=0)
+            raise
+    else:
+        prepared = None
+    if world_size > 1:
+        box = [prepared]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            sys.exit(2)
+        prepared = box[0]
+    exp_dir, config = prepared
+    if rank == 0:
+        print(f"device: {pick_device(config['device'], rank)}"
+              + (f" x {world_size} processes (global batch {config['train_batch_size'] * world_size})"
+                 if world_size > 1 else "") + f"; writing to {exp_dir}", flush=True)
+        saved_config = {k: v for k, v in config.items() if k not in RUN_FLAGS}
+        saved_config["world_size"] = world_size
+        atomic_write_text(os.path.join(exp_dir, "config.json"), json.dumps(saved_config, indent=2) + "\n")
     try:
-        result = train(config, exp_dir, resume=config["resume"])
+        result = train(config, exp_dir, resume=config["resume"], rank=rank, world_size=world_size)
     except (NonFiniteLoss, CheckpointError) as e:
         sys.exit(f"ddpm.py: error: {e}")
-    print(f"done in {result['seconds']:.1f} s ({result['steps']} steps, {result['frames']} frames): final score {result['score']:.5g} "
-          f"(noise floor {result['floor']:.5g}, ratio {result['score'] / result['floor']:.2f}), "
-          f"outputs in {exp_dir}")
+    finally:
+        if world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(f"done in {result['seconds']:.1f} s ({result['steps']} steps, {result['frames']} frames): "
+              f"final score {result['score']:.5g} (noise floor {result['floor']:.5g}, "
+              f"ratio {result['score'] / result['floor']:.2f}), outputs in {exp_dir}")
     return result
 
 

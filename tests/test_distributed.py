@@ -1,0 +1,98 @@
+"""torchrun / DistributedDataParallel on CPU (gloo), and the --precision and --compile switches."""
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import ddpm
+from helpers import ROOT, TINY, outputs, train
+
+
+def test_two_process_run_writes_one_set_of_outputs(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "ddpm.py"), "--out_dir", str(tmp_path), "--experiment_name", "ddp", *TINY]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done in") == 1  # only rank 0 prints
+    config, loss, frames = outputs(tmp_path / "ddp")
+    assert config["world_size"] == 2
+    # 256 examples, 128 per rank, batch 32 per rank: 4 steps per epoch, 3 epochs
+    assert loss.shape == (12,) and np.isfinite(loss).all()
+    assert frames.shape == (3, 64, 2)
+    assert sorted(os.listdir(tmp_path / "ddp" / "images")) == ["0000.png", "0001.png", "0002.png"]
+    # written under DDP, loaded in a single process: no "module." prefix
+    model = ddpm.build_model(config)
+    model.load_state_dict(torch.load(tmp_path / "ddp" / "model.pth", weights_only=True))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_step_on_rank(rank, world_size, port, batch, out_path):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size)
+    model, scheduler, optimizer, (x, noise, t) = batch()
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    half = len(x) // world_size
+    part = slice(rank * half, (rank + 1) * half)
+    ddpm.training_step(net, scheduler, optimizer, x[part], noise[part], t[part])
+    if rank == 0:
+        torch.save(model.state_dict(), out_path)
+    torch.distributed.destroy_process_group()
+
+
+def make_batch():
+    torch.manual_seed(0)
+    model = ddpm.MLP(hidden_size=32, hidden_layers=2, embedding_size=16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = ddpm.NoiseScheduler(50)
+    g = torch.Generator().manual_seed(1)
+    x, noise = torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g)
+    t = torch.randint(0, 50, (64,), generator=g)
+    return model, scheduler, optimizer, (x, noise, t)
+
+
+def test_ddp_first_step_equals_one_process_with_the_whole_batch(tmp_path):
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_one_step_on_rank, args=(2, free_port(), make_batch, str(out)), nprocs=2, join=True)
+    ddp_weights = torch.load(out, weights_only=True)
+    model, scheduler, optimizer, (x, noise, t) = make_batch()
+    before = copy.deepcopy(model.state_dict())
+    ddpm.training_step(model, scheduler, optimizer, x, noise, t)  # batch 2B in one process
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(ddp_weights[name], value, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(value, before[name]) or "frequencies" in name  # the step moved them
+
+
+def test_bf16_precision_run(tmp_path):
+    result = train(tmp_path, "bf16", *TINY, "--precision", "bf16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    config, loss, _ = outputs(tmp_path / "bf16")
+    assert config["precision"] == "bf16" and np.isfinite(loss).all()
+    assert loss[-3:].mean() < loss[:3].mean()  # it still learns
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
+                    reason="torch.compile on CPU needs a C compiler")
+def test_compile_run(tmp_path):
+    result = train(tmp_path, "compiled", *TINY, "--compile", "--hidden_size", "16", "--hidden_layers", "1",
+                   timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config, loss, frames = outputs(tmp_path / "compiled")
+    assert "compile" not in config  # how to run, not what was trained
+    assert np.isfinite(loss).all() and frames.shape == (3, 64, 2)
+    model = ddpm.build_model(config)  # no "_orig_mod." prefix leaks into the weights
+    model.load_state_dict(torch.load(tmp_path / "compiled" / "model.pth", weights_only=True))
