@@ -76,10 +76,9 @@ def study_runs(study, overrides=None):
     for value in values:
         flags = {**CLASSIC, **overrides, flag: value}
         runs.append((str(value), run_name(flag, value), flags))
-    ours = {**default_config(), **overrides, "dataset": "dino"}
-    runs.append((OURS, "ours_default", ours))
+    runs.append((OURS, "ours_default", {"dataset": "dino", **overrides}))  # plain `python ddpm.py`
     for _, _, flags in runs:
-        flags["save_images_step"] = frame_step(flags["num_epochs"])
+        flags["save_images_step"] = frame_step(resolved(flags)["num_epochs"])
     return runs
 
 
@@ -87,13 +86,15 @@ def command(name, flags, out_dir, mode=None):
     """The ddpm.py command line of one run; mode is None, "resume" or "overwrite"."""
     argv = [sys.executable, os.path.join(HERE, "ddpm.py"), "--experiment_name", name, "--out_dir", out_dir]
     for key, value in flags.items():
-        if value is not None:  # None is ddpm.py's own default (e.g. the scaled beta range)
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not None and value is not False:  # None: ddpm.py's default (e.g. scaled betas)
             argv += [f"--{key}", str(value)]
     return argv + ["--quiet"] + ([f"--{mode}"] if mode else [])
 
 
-def intended_config(flags):
-    """The config.json that ddpm.py writes for these flags."""
+def resolved(flags):
+    """Every setting of the run: its flags plus ddpm.py's defaults for the rest, as config.json has them."""
     config = vars(ddpm.build_parser().parse_args(command("x", flags, "x")[2:]))
     return {k: v for k, v in config.items() if k not in ddpm.RUN_FLAGS + ("experiment_name", "out_dir")}
 
@@ -108,10 +109,10 @@ def run_state(exp_dir, flags):
             saved = json.load(f)
     except (OSError, ValueError):
         return "overwrite"
-    if any(saved.get(k) != v for k, v in intended_config(flags).items()):
+    if any(saved.get(k) != v for k, v in resolved(flags).items()):
         return "overwrite"
     rows = read_metrics(exp_dir)
-    finished = rows is not None and len(rows) and rows[-1]["epoch"] == flags["num_epochs"] - 1
+    finished = bool(rows) and rows[-1]["epoch"] == resolved(flags)["num_epochs"] - 1
     if finished and all(os.path.exists(os.path.join(exp_dir, f)) for f in ("frames.npy", "loss.png")):
         return "done"
     return "resume" if os.path.exists(os.path.join(exp_dir, "checkpoint.pt")) else "overwrite"
@@ -129,6 +130,7 @@ def read_metrics(exp_dir):
 
 
 def estimated_cost(flags):  # longest first keeps both workers busy to the end
+    flags = resolved(flags)
     steps = flags["num_epochs"] * flags["dataset_size"] / flags["train_batch_size"]
     width = flags["hidden_size"] ** 2 * flags["hidden_layers"] / 128**2 / 3
     sampling = flags["num_epochs"] / flags["save_images_step"] * flags["num_timesteps"] * 10
@@ -164,21 +166,33 @@ def run_all(runs, out_dir, jobs, force=False):
     counter = iter(range(1, len(todo) + 1))
     errors = {}
 
-    def one(name, flags, mode):
-        argv = command(name, flags, out_dir, mode)
-        with _lock:
-            k = next(counter)
-        print(f"  [{k}/{len(todo)}] {name}: {'resuming' if mode == 'resume' else 'training'}", flush=True)
-        started = time.time()
+    def launch(argv):
         process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         with _lock:
             RUNNING[process.pid] = process
         output, _ = process.communicate()
         with _lock:
             RUNNING.pop(process.pid)
-        if process.returncode != 0:
-            errors[name] = (output.strip().splitlines() or ["(no output)"])[-1]
-            print(f"  [{k}/{len(todo)}] {name}: FAILED ({errors[name]})\n    command: {' '.join(argv)}", flush=True)
+        return process.returncode, (output.strip().splitlines() or ["(no output)"])[-1]
+
+    def one(name, flags, mode):
+        with _lock:
+            k = next(counter)
+        print(f"  [{k}/{len(todo)}] {name}: {'resuming' if mode == 'resume' else 'training'}", flush=True)
+        started = time.time()
+        argv = command(name, flags, out_dir, mode)
+        returncode, last_line = launch(argv)
+        if mode == "resume" and returncode not in (0, 130, 143):  # an unusable checkpoint: start over
+            print(f"  [{k}/{len(todo)}] {name}: cannot resume ({last_line}); training from scratch", flush=True)
+            argv = command(name, flags, out_dir, "overwrite")
+            returncode, last_line = launch(argv)
+        if returncode in (130, 143):
+            errors[name] = "stopped"
+            print(f"  [{k}/{len(todo)}] {name}: stopped, checkpoint written", flush=True)
+            return
+        if returncode != 0:
+            errors[name] = last_line
+            print(f"  [{k}/{len(todo)}] {name}: FAILED ({last_line})\n    command: {' '.join(argv)}", flush=True)
             return
         rows = read_metrics(os.path.join(out_dir, name))
         print(f"  [{k}/{len(todo)}] {name}: score {rows[-1]['score']:.4g} (floor {rows[-1]['floor']:.4g}) "
@@ -214,6 +228,10 @@ def load_result(exp_dir):
             "floor": final["floor"], "loss": final["loss"], "seconds": final["seconds"]}
 
 
+def missing(out_dir, name):
+    return "failed" if os.path.isdir(os.path.join(out_dir, name)) else "not run"
+
+
 def pick_columns(epochs, num_epochs):
     """For each column k/NUM_COLUMNS of training, the index of the frame nearest to it."""
     targets = [num_epochs * k / NUM_COLUMNS for k in range(1, NUM_COLUMNS + 1)]
@@ -228,9 +246,9 @@ def draw_study(study, runs, out_dir, path):
     for label, name, flags in runs:
         result = load_result(os.path.join(out_dir, name))
         if result is None:
-            rows.append({"label": label, "caption": "failed", "cells": [None] * NUM_COLUMNS})
+            rows.append({"label": label, "caption": missing(out_dir, name), "cells": [None] * NUM_COLUMNS})
             continue
-        picks = pick_columns(result["epochs"], flags["num_epochs"])
+        picks = pick_columns(result["epochs"], resolved(flags)["num_epochs"])
         notes = ["" if result["epochs"][i] == round(classic_epochs * (k + 1) / NUM_COLUMNS)
                  else f"epoch {result['epochs'][i]}" for k, i in enumerate(picks)]
         notes[-1] = (notes[-1] + "  " if notes[-1] else "") + f"{result['score'] / result['floor']:.1f}x floor"
@@ -242,28 +260,32 @@ def draw_study(study, runs, out_dir, path):
 def study_table(study, runs, out_dir):
     flag, _ = STUDIES[study]
     lines = [f"### {study} (`--{flag}`)", "",
-             "| value | final score | floor | score / floor | final mean loss | training s |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for label, name, _ in runs:
+             "| value | final score | floor | score / floor | final mean loss | training s | ᾱ_T |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, name, flags in runs:
         r = load_result(os.path.join(out_dir, name))
+        alpha_bar_T = float(ddpm.build_scheduler(resolved(flags)).alphas_cumprod[-1])
         if r is None:
-            lines.append(f"| {label} | failed | | | | |")
+            lines.append(f"| {label} | {missing(out_dir, name)} | | | | | {alpha_bar_T:.2f} |")
         else:
             lines.append(f"| {label} | {r['score']:.4g} | {r['floor']:.4g} | {r['score'] / r['floor']:.2f} "
-                         f"| {r['loss']:.4f} | {r['seconds']:.0f} |")
+                         f"| {r['loss']:.4f} | {r['seconds']:.0f} | {alpha_bar_T:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def write_tables(studies, overrides, out_dir, path):
+    def as_flags(config):
+        return " ".join(f"--{k} {v}" for k, v in config.items()) or "nothing"
     ours = {k: v for k, v in default_config().items() if k in CLASSIC and CLASSIC[k] != v}
     text = ["# Ablations", "",
             "Written by `python ablations.py all`. Each study changes one flag of the classic configuration",
-            "(`" + " ".join(f"--{k} {v}" for k, v in CLASSIC.items()) + "`;",
-            f"overrides: {overrides or 'none'}). The last row of each table is plain `python ddpm.py`",
-            f"(its defaults differ from the classic in: {ours or 'nothing'}).",
+            f"(`{as_flags(CLASSIC)}`" + (f"; here with `{as_flags(overrides)}`" if overrides else "") + ").",
+            "The last row of each table, ours (default), is plain `python ddpm.py --dataset dino`; its",
+            f"defaults differ from the classic in `{as_flags(ours)}` (None: beta range scaled by 1000 / T).",
             "Score: energy distance between 1,000 samples and fresh data at the last epoch (lower is better);",
             "floor: the score two fresh samples of the data get, the best possible. Final mean loss: the last",
             "epoch's mean training loss. Training seconds: wall time of the run (one thread, two runs at once).",
+            "ᾱ_T: what is left of the data at the end of the forward process (0 = pure noise, where sampling starts).",
             ""]
     text += [study_table(study, study_runs(study, overrides), out_dir) for study in studies]
     with open(path, "w") as f:

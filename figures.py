@@ -113,8 +113,8 @@ def draw_animation(forward, reverse, path, max_frames=60, fps=15, hold=10):
     fig, ax = plt.subplots(figsize=(3.6, 3.6), dpi=72)
     _panel(ax)
     scatter = ax.scatter([], [], s=3, linewidths=0, color="C0")
-    counter = ax.set_title("", fontsize=11, family="monospace")
-    fig.tight_layout()
+    counter = ax.set_title(shots[0][0], fontsize=11, family="monospace")
+    fig.tight_layout()  # with a title in place, so it keeps room for the counter
 
     def update(k):
         text, x = shots[k]

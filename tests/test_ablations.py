@@ -45,11 +45,14 @@ def test_classic_is_pinned_and_ours_follows_the_parser_defaults(monkeypatch):
     runs = ablations.study_runs("hidden_size")
     classic = parsed(runs[3][2])
     assert runs[3][1] == "classic" and classic["num_timesteps"] == 50 and classic["learning_rate"] == 1e-3
-    label, name, ours = runs[-1]
+    label, name, flags = runs[-1]
     assert (label, name) == (ablations.OURS, "ours_default")
-    assert ours["num_timesteps"] == 100 and ours["learning_rate"] == 3e-3
-    assert ours["dataset"] == "dino" and ours["beta_start"] is None  # None: ddpm.py's own scaled range
-    assert "--beta_start" not in ablations.command(name, ours, "out")
+    ours = parsed(flags)
+    assert ours["num_timesteps"] == 100 and ours["learning_rate"] == 3e-3 and ours["dataset"] == "dino"
+    assert ours["save_images_step"] == 40
+    argv = ablations.command(name, flags, "out")
+    flags_given = [a for a in argv if a.startswith("--")]  # plain `python ddpm.py --dataset dino`
+    assert flags_given == ["--experiment_name", "--out_dir", "--dataset", "--save_images_step", "--quiet"]
 
 
 def test_bad_study_name_is_a_one_line_error(capsys):
@@ -62,7 +65,7 @@ def test_bad_study_name_is_a_one_line_error(capsys):
 
 def fake_run(exp_dir, flags, epochs_done, finished_files=True, checkpoint=False):
     os.makedirs(exp_dir, exist_ok=True)
-    config = {**ablations.intended_config(flags), "world_size": 1}
+    config = {**ablations.resolved(flags), "world_size": 1}
     with open(os.path.join(exp_dir, "config.json"), "w") as f:
         json.dump(config, f)
     rows = "".join(f"{i},{e},{e * 10},0.5,0.01,0.005,{e}.0\n" for i, e in enumerate(range(epochs_done)))
@@ -100,17 +103,20 @@ def test_run_all_skips_done_runs_and_resumes_interrupted_ones(tmp_path, monkeypa
         def __init__(self, argv, **kwargs):
             launched.append(argv)
             self.pid, self.returncode = len(launched), 0
-            exp = str(tmp_path / argv[argv.index("--experiment_name") + 1])
-            fake_run(exp, flags, 3)
+            name = argv[argv.index("--experiment_name") + 1]
+            if name == "broken" and "--resume" in argv:  # an unreadable checkpoint
+                self.returncode = 1
+                return
+            fake_run(str(tmp_path / name), flags, 3)
 
         def communicate(self):
             return "", None
     monkeypatch.setattr(ablations.subprocess, "Popen", FakePopen)
-    errors = ablations.run_all([("done", flags), ("half", flags), ("new", flags)], str(tmp_path), jobs=2)
-    assert errors == {}
-    by_name = {argv[argv.index("--experiment_name") + 1]: argv for argv in launched}
-    assert sorted(by_name) == ["half", "new"]
-    assert "--resume" in by_name["half"] and "--resume" not in by_name["new"]
+    fake_run(str(tmp_path / "broken"), flags, 1, finished_files=False, checkpoint=True)
+    runs = [("done", flags), ("half", flags), ("new", flags), ("broken", flags)]
+    assert ablations.run_all(runs, str(tmp_path), jobs=2) == {}
+    modes = sorted((argv[argv.index("--experiment_name") + 1], argv[-1]) for argv in launched)
+    assert modes == [("broken", "--overwrite"), ("broken", "--resume"), ("half", "--resume"), ("new", "--quiet")]
     launched.clear()
     ablations.run_all([("done", flags)], str(tmp_path), jobs=1, force=True)
     assert "--overwrite" in launched[0]
