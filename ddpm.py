@@ -788,6 +788,9 @@ def main(argv=None):
         print(f"done in {result['seconds']:.1f} s ({result['steps']} steps, {result['frames']} frames): "
               f"final score {result['score']:.5g} (noise floor {result['floor']:.5g}, "
               f"ratio {result['score'] / result['floor']:.2f}), outputs in {exp_dir}")
+        where = "in a worker process, alongside training" if result["parallel_frames"] else "inline"
+        print(f"time: training loop {result['loop_seconds']:.1f} s; frames {where}: sampling "
+              f"{result['sampling_seconds']:.1f} s, drawing {result['drawing_seconds']:.1f} s")
     return result
 
 

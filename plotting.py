@@ -54,7 +54,7 @@ class FrameDrawer:
         else:
             self.artist.set_offsets(frame)
         self.title.set_text(title)
-        self.fig.savefig(path)
+        self.fig.savefig(path, pil_kwargs={"compress_level": 1})  # fast PNG: 2x quicker, files ~2x larger
 
     def close(self):
         plt.close(self.fig)

@@ -14,6 +14,7 @@ import time
 import torch
 
 import ddpm
+import metrics
 from checkpoints import CheckpointError, atomic_save_npy, load_weights, safe_load
 from plotting import save_samples_png
 
@@ -36,6 +37,8 @@ def build_parser():
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--output", default=None, help="a .npy file (default: EXPERIMENT_DIR/samples.npy)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--score", action="store_true",
+                   help="also print the sample-quality score against fresh data, with its noise floor")
     return p
 
 
@@ -108,6 +111,9 @@ def main(argv=None):
     steps_text = f"{steps or scheduler.num_timesteps} steps"
     save_samples_png(samples, png, f"{config['dataset']}: {sampler}, {steps_text}")
     print(f"wrote {len(samples)} samples to {output} and {png} ({sampler}, {steps_text}, {seconds:.1f} s)")
+    if args.score:
+        score = metrics.make_scorer({**config, "eval_batch_size": len(samples)})(samples)
+        print("score " + ", ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in score.items()))
     return samples
 
 

@@ -1,0 +1,261 @@
+"""Where the time goes: a benchmark of this machine, printed as a table and written to bench.json.
+
+    python bench.py            # about 4 minutes on a 2-core laptop CPU
+    python bench.py --quick    # smaller counts, for a smoke test
+
+Measures, in one run so that ratios are fair: optimizer steps/s of the default MLP (ours and a
+naive textbook loop), sampling throughput, frame drawing, the default dino run and the classic
+workload end to end (wall time split into training, sampling and drawing; peak memory), and
+the MNIST U-Net's images/s. The naive end-to-end figure is extrapolated from its measured parts.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import datasets  # noqa: E402
+import ddpm  # noqa: E402
+import plotting  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# the classic tiny-diffusion configuration: 50,000 steps at batch 32, 200 frames of 1,000 points x 50 steps
+CLASSIC = ["--train_batch_size", "32", "--num_epochs", "200", "--learning_rate", "1e-3", "--num_timesteps", "50",
+           "--beta_schedule", "linear", "--beta_start", "1e-4", "--beta_end", "0.02", "--ema_decay", "0",
+           "--input_scale", "25"]
+
+
+def default_config(**overrides):
+    config = vars(ddpm.build_parser().parse_args([]))
+    config.update(overrides)
+    return config
+
+
+def steps_per_second_ours(batch_size, steps, threads=1):
+    """The loop of ddpm.train: a shuffled permutation, fused AdamW, no host sync per step."""
+    torch.set_num_threads(threads)
+    config = default_config(train_batch_size=batch_size)
+    torch.manual_seed(0)
+    model, scheduler = ddpm.build_model(config), ddpm.build_scheduler(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    data = datasets.get_dataset("dino", 8000)
+    g = torch.Generator().manual_seed(0)
+    losses = torch.zeros(steps)
+    perm, position = torch.randperm(len(data), generator=g), 0
+    for step in range(steps + 20):
+        if step == 20:
+            tic = time.perf_counter()
+        if position + batch_size > len(data):
+            perm, position = torch.randperm(len(data), generator=g), 0
+        x = data[perm[position:position + batch_size]]
+        position += batch_size
+        noise = torch.randn(x.shape, generator=g)
+        t = torch.randint(0, 50, (len(x),), generator=g)
+        loss = ddpm.training_step(model, scheduler, optimizer, x, noise, t)
+        losses[step % steps] = loss
+    return steps / (time.perf_counter() - tic)
+
+
+def steps_per_second_naive(batch_size, steps, threads=1):
+    """The textbook loop: DataLoader over a TensorDataset, default AdamW, .item() and a
+    progress-bar postfix every step. One thread, like ours, so that the ratio is the loop's."""
+    torch.set_num_threads(threads)
+    config = default_config(train_batch_size=batch_size)
+    torch.manual_seed(0)
+    model, scheduler = ddpm.build_model(config), ddpm.build_scheduler(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = DataLoader(TensorDataset(datasets.get_dataset("dino", 8000)), batch_size=batch_size, shuffle=True)
+    done, losses = 0, []
+    bar = tqdm(total=steps + 20, disable=True)
+    while done < steps + 20:
+        for (x,) in loader:
+            if done == 20:
+                tic = time.perf_counter()
+            noise = torch.randn(x.shape)
+            t = torch.randint(0, 50, (len(x),)).long()
+            loss = F.mse_loss(model(scheduler.add_noise(x, noise, t), t), noise)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.detach().item())
+            bar.set_postfix(loss=losses[-1], step=done)
+            bar.update(1)
+            done += 1
+            if done >= steps + 20:
+                break
+    return steps / (time.perf_counter() - tic)
+
+
+def sampling_throughput(threads, repeats):
+    """Points x steps per second of the 2D model's full reverse process (1,000 points x 50 steps)."""
+    torch.set_num_threads(threads)
+    config = default_config()
+    model, scheduler = ddpm.build_model(config).eval(), ddpm.build_scheduler(config)
+    ddpm.sample(model, scheduler, (1000, 2))
+    tic = time.perf_counter()
+    for _ in range(repeats):
+        ddpm.sample(model, scheduler, (1000, 2))
+    seconds = (time.perf_counter() - tic) / repeats
+    return 1000 * 50 / seconds, seconds
+
+
+def drawing_seconds(n_frames, naive):
+    frames = np.random.default_rng(0).normal(size=(n_frames, 1000, 2)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as folder:
+        tic = time.perf_counter()
+        if naive:  # a new 10x10-inch figure per frame, as the classic did
+            for i, frame in enumerate(frames):
+                plt.figure(figsize=(10, 10))
+                plt.scatter(frame[:, 0], frame[:, 1])
+                plt.xlim(-6, 6)
+                plt.ylim(-6, 6)
+                plt.savefig(os.path.join(folder, f"{i:04d}.png"))
+                plt.close()
+        else:
+            plotting.draw_frames(frames, folder)
+        return time.perf_counter() - tic
+
+
+def run_end_to_end(name, flags, out_dir):
+    """`python ddpm.py` in a subprocess: wall time, its own time split, peak resident memory."""
+    cmd = ["/usr/bin/time", "-v", sys.executable, os.path.join(HERE, "ddpm.py"), "--out_dir", out_dir,
+           "--experiment_name", name, "--quiet", *flags]
+    if not os.path.exists("/usr/bin/time"):
+        cmd = cmd[2:]
+    tic = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - tic
+    if result.returncode != 0:
+        raise SystemExit(f"bench.py: error: {name} run failed: {result.stderr.strip().splitlines()[-1]}")
+    out = result.stdout
+    figures = {"wall_s": wall}
+    m = re.search(r"training loop ([\d.]+) s; frames (.*?): sampling ([\d.]+) s, drawing ([\d.]+) s", out)
+    figures.update(training_loop_s=float(m.group(1)), frames_where=m.group(2), sampling_s=float(m.group(3)),
+                   drawing_s=float(m.group(4)))
+    m = re.search(r"\((\d+) steps, (\d+) frames\): final score ([\d.e-]+) \(noise floor ([\d.e-]+)", out)
+    figures.update(steps=int(m.group(1)), frames=int(m.group(2)), score=float(m.group(3)), floor=float(m.group(4)))
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
+    figures["peak_rss_mb"] = int(m.group(1)) / 1024 if m else None
+    return figures
+
+
+def unet_images_per_second(quick):
+    config = vars(ddpm.build_parser().parse_args(["--dataset", "mnist"]))
+    config = ddpm.apply_image_defaults(config, None, ["--dataset", "mnist"])
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    model, scheduler = ddpm.build_model(config), ddpm.build_scheduler(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    B = config["train_batch_size"]
+    x = torch.rand(B, 1, 28, 28) * 2 - 1
+    steps = 3 if quick else 15
+    for i in range(steps + 2):
+        if i == 2:
+            tic = time.perf_counter()
+        ddpm.training_step(model, scheduler, optimizer, x, torch.randn_like(x), torch.randint(0, 1000, (B,)))
+    train_ips = steps * B / (time.perf_counter() - tic)
+    model.eval()
+    tic = time.perf_counter()
+    ddpm.sample(model, scheduler, (64, 1, 28, 28), sampler="ddim", num_inference_steps=50)
+    sample_seconds = time.perf_counter() - tic
+    return {"train_images_per_s": train_ips, "ddim50_64_images_s": sample_seconds,
+            "ddim50_images_per_s": 64 / sample_seconds, "unet_parameters": sum(p.numel() for p in model.parameters())}
+
+
+def main():
+    parser = ddpm.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small counts (a smoke test, not a measurement)")
+    parser.add_argument("--output", default="bench.json")
+    parser.add_argument("--skip_end_to_end", action="store_true", help="leave out the two full runs")
+    args = parser.parse_args()
+    steps = 300 if args.quick else 3000
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+               "torch": torch.__version__}
+
+    print("measuring optimizer steps/s ...", flush=True)
+    for batch in (32, 1024):
+        n = steps if batch == 32 else steps // 10
+        for threads in (1, 2):
+            results[f"steps_per_s_b{batch}_{threads}thread_ours"] = steps_per_second_ours(batch, n, threads)
+        results[f"steps_per_s_b{batch}_naive"] = steps_per_second_naive(batch, n, threads=1)
+    print("measuring sampling and drawing ...", flush=True)
+    for threads in (1, 2):
+        rate, seconds = sampling_throughput(threads, 3 if args.quick else 10)
+        results[f"sampling_points_steps_per_s_{threads}thread"] = rate
+        results[f"sampling_frame_s_{threads}thread"] = seconds
+    n_draw = 20 if args.quick else 200
+    results["drawing_200_frames_s_ours"] = drawing_seconds(n_draw, naive=False) * 200 / n_draw
+    results["drawing_200_frames_s_naive"] = drawing_seconds(10, naive=True) * 20
+
+    naive_steps = results["steps_per_s_b32_naive"]
+    results["classic_naive_estimate_s"] = (50_000 / naive_steps + 200 * results["sampling_frame_s_2thread"]
+                                           + results["drawing_200_frames_s_naive"])
+    if not args.skip_end_to_end:
+        with tempfile.TemporaryDirectory() as out_dir:
+            print("running the default dino run end to end ...", flush=True)
+            results["default_run"] = run_end_to_end("default", [] if not args.quick else ["--num_epochs", "10"],
+                                                    out_dir)
+            print("running the classic workload end to end ...", flush=True)
+            classic = CLASSIC if not args.quick else CLASSIC[:2] + ["--num_epochs", "10"] + CLASSIC[4:]
+            results["classic_run"] = run_end_to_end("classic", classic, out_dir)
+    if datasets.is_image_dataset("mnist"):
+        print("measuring the MNIST U-Net ...", flush=True)
+        results["mnist_unet"] = unet_images_per_second(args.quick)
+
+    with open(args.output, "w") as f:
+        json.dump(results, f, indent=2)
+    print_table(results)
+
+
+def print_table(r):
+    rows = [("machine", r["machine"])]
+    for batch in (32, 1024):
+        ours1, ours2 = r[f"steps_per_s_b{batch}_1thread_ours"], r[f"steps_per_s_b{batch}_2thread_ours"]
+        naive = r[f"steps_per_s_b{batch}_naive"]
+        rows.append((f"steps/s, batch {batch}: ours (1 / 2 threads) | naive",
+                     f"{ours1:.0f} / {ours2:.0f} | {naive:.0f}   (x{max(ours1, ours2) / naive:.1f})"))
+    for threads in (1, 2):
+        rows.append((f"sampling, {threads} thread(s): points x steps / s",
+                     f"{r[f'sampling_points_steps_per_s_{threads}thread'] / 1e6:.2f} M "
+                     f"({r[f'sampling_frame_s_{threads}thread'] * 1000:.0f} ms per 1,000 x 50 frame)"))
+    rows.append(("drawing 200 frames: ours | naive (new 10x10 figure)",
+                 f"{r['drawing_200_frames_s_ours']:.1f} s | {r['drawing_200_frames_s_naive']:.1f} s"))
+    for key, title in (("default_run", "default dino run (python ddpm.py)"),
+                       ("classic_run", "classic workload (50k steps b32, 200 frames)")):
+        if key in r:
+            e = r[key]
+            rows.append((title, f"{e['wall_s']:.1f} s wall: training loop {e['training_loop_s']:.1f} s, frames "
+                                f"{e['frames_where']}: sampling {e['sampling_s']:.1f} s + drawing {e['drawing_s']:.1f} s"))
+            rows.append(("  steps, frames, score / floor, peak RSS",
+                         f"{e['steps']}, {e['frames']}, {e['score'] / e['floor']:.2f}, "
+                         f"{e['peak_rss_mb']:.0f} MB" if e["peak_rss_mb"] else "n/a"))
+    rows.append(("classic workload, naive loop (extrapolated)", f"{r['classic_naive_estimate_s']:.0f} s"))
+    if "classic_run" in r:
+        rows.append(("  speed-up of ours", f"x{r['classic_naive_estimate_s'] / r['classic_run']['wall_s']:.1f}"))
+    if "mnist_unet" in r:
+        u = r["mnist_unet"]
+        rows.append(("MNIST U-Net: training images/s", f"{u['train_images_per_s']:.0f} ({u['unet_parameters']:,} params)"))
+        rows.append(("MNIST U-Net: 64 images, 50-step DDIM", f"{u['ddim50_64_images_s']:.1f} s "
+                                                            f"({u['ddim50_images_per_s']:.0f} images/s)"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
