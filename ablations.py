@@ -60,6 +60,10 @@ def default_config():
     return {k: v for k, v in config.items() if k not in ddpm.RUN_FLAGS + ("experiment_name", "out_dir")}
 
 
+# flags newer than the classic, pinned to its behaviour when this ddpm.py has them
+CLASSIC.update({k: v for k, v in {"input_scale": 25.0, "precision": "fp32"}.items() if k in default_config()})
+
+
 def run_name(flag, value):
     return "classic" if value == CLASSIC[flag] else f"{flag}={value}"
 
