@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -728,7 +729,6 @@ def prepare_experiment(config, parser):
         parser.error(f"{exp_dir} already exists; pass --resume to continue it or --overwrite to replace it")
     try:
         if exists:
-            import shutil
             shutil.rmtree(exp_dir)
         os.makedirs(exp_dir, exist_ok=True)
         probe = os.path.join(exp_dir, ".write-test")
@@ -737,7 +737,19 @@ def prepare_experiment(config, parser):
         os.remove(probe)
     except OSError as e:
         parser.error(f"cannot write to {exp_dir}: {e.strerror or e}")
+    check_disk_space(config, exp_dir, parser)
     return exp_dir, config
+
+
+def check_disk_space(config, exp_dir, parser):
+    """Refuse to start when the outputs (frames twice: frames.npy and the checkpoint; PNGs) can't fit."""
+    n_frames = config["num_epochs"] // config["save_images_step"] + 1
+    frame_bytes = config["eval_batch_size"] * int(np.prod(datasets.sample_shape(config))) * 4
+    need = 2 * n_frames * frame_bytes + n_frames * 60_000 + 20_000_000
+    free = shutil.disk_usage(exp_dir).free
+    if free < need:
+        parser.error(f"not enough disk space in {exp_dir}: the run needs about {need / 1e6:.0f} MB, "
+                     f"{free / 1e6:.0f} MB are free")
 
 
 def main(argv=None):
@@ -782,6 +794,9 @@ def main(argv=None):
         result = train(config, exp_dir, resume=config["resume"], rank=rank, world_size=world_size)
     except (NonFiniteLoss, CheckpointError) as e:
         sys.exit(f"ddpm.py: error: {e}")
+    except OSError as e:  # disk full or folder gone mid-run: the last complete checkpoint is intact
+        sys.exit(f"ddpm.py: error: cannot write the outputs ({e.strerror or e}); "
+                 "the last complete checkpoint.pt is kept")
     finally:
         if world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -92,3 +92,16 @@ def test_unwritable_out_dir_fails_before_training(tmp_path):
     blocker.write_text("a file where a folder should be")
     line = assert_one_line_error(train(blocker, "exp", *TINY))
     assert "cannot write" in line
+
+
+def test_not_enough_disk_space_fails_before_training(tmp_path, monkeypatch, capsys):
+    import shutil
+    import pytest
+    import ddpm
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1_000_000))
+    with pytest.raises(SystemExit) as exit_info:
+        ddpm.main(["--out_dir", str(tmp_path), "--experiment_name", "full", *TINY])
+    assert exit_info.value.code == 2
+    assert "disk space" in capsys.readouterr().err
+    assert not (tmp_path / "full" / "loss.npy").exists()
