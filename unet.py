@@ -131,6 +131,10 @@ class UNet(nn.Module):
 
 def build_unet(config):
     """The U-Net a config describes (flags --unet_channels, --unet_depth, --unet_attention)."""
+    # Denormal floats (|x| < 1e-38) appear in the activations and gradients as training goes
+    # on and make x86 CPUs 2-10x slower (measured: 31 s/epoch at first, 6 min/epoch by epoch
+    # 19); flushing them to zero changes no result that matters.
+    torch.set_flush_denormal(True)
     return UNet(channels=config.get("unet_channels", 32), channel_mult=tuple(config.get("unet_mult", (1, 2, 2))),
                 depth=config.get("unet_depth", 1), attention=config.get("unet_attention") is not False,
                 num_classes=10 if config.get("class_conditional") else None)
