@@ -62,6 +62,7 @@ def _start_worker(config, exp_dir):
     global _worker_maker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer, which then waits for us
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # as the trainer does, so frames match whichever process makes them
     _worker_maker = FrameMaker(config, exp_dir, "cpu")
 
 
