@@ -45,7 +45,7 @@ def default_config(**overrides):
     return config
 
 
-def steps_per_second_ours(batch_size, steps, threads=1):
+def steps_per_second_ours(batch_size, steps, threads=1, precision="fp32"):
     """The loop of ddpm.train: a shuffled permutation, fused AdamW, no host sync per step."""
     torch.set_num_threads(threads)
     config = default_config(train_batch_size=batch_size)
@@ -65,7 +65,7 @@ def steps_per_second_ours(batch_size, steps, threads=1):
         position += batch_size
         noise = torch.randn(x.shape, generator=g)
         t = torch.randint(0, 50, (len(x),), generator=g)
-        loss = ddpm.training_step(model, scheduler, optimizer, x, noise, t)
+        loss = ddpm.training_step(model, scheduler, optimizer, x, noise, t, precision=precision)
         losses[step % steps] = loss
     return steps / (time.perf_counter() - tic)
 
@@ -154,7 +154,7 @@ def run_end_to_end(name, flags, out_dir):
     return figures
 
 
-def unet_images_per_second(quick):
+def unet_images_per_second(quick, precision="fp32"):
     config = vars(ddpm.build_parser().parse_args(["--dataset", "mnist"]))
     config = ddpm.apply_image_defaults(config, None, ["--dataset", "mnist"])
     torch.set_num_threads(os.cpu_count() or 1)
@@ -167,7 +167,8 @@ def unet_images_per_second(quick):
     for i in range(steps + 2):
         if i == 2:
             tic = time.perf_counter()
-        ddpm.training_step(model, scheduler, optimizer, x, torch.randn_like(x), torch.randint(0, 1000, (B,)))
+        ddpm.training_step(model, scheduler, optimizer, x, torch.randn_like(x), torch.randint(0, 1000, (B,)),
+                           precision=precision)
     train_ips = steps * B / (time.perf_counter() - tic)
     model.eval()
     tic = time.perf_counter()
@@ -193,6 +194,7 @@ def main():
         for threads in (1, 2):
             results[f"steps_per_s_b{batch}_{threads}thread_ours"] = steps_per_second_ours(batch, n, threads)
         results[f"steps_per_s_b{batch}_naive"] = steps_per_second_naive(batch, n, threads=1)
+        results[f"steps_per_s_b{batch}_1thread_bf16"] = steps_per_second_ours(batch, n, 1, "bf16")
     print("measuring sampling and drawing ...", flush=True)
     for threads in (1, 2):
         rate, seconds = sampling_throughput(threads, 3 if args.quick else 10)
@@ -216,6 +218,7 @@ def main():
     if datasets.is_image_dataset("mnist"):
         print("measuring the MNIST U-Net ...", flush=True)
         results["mnist_unet"] = unet_images_per_second(args.quick)
+        results["mnist_unet_bf16_train_images_per_s"] = unet_images_per_second(args.quick, "bf16")["train_images_per_s"]
 
     with open(args.output, "w") as f:
         json.dump(results, f, indent=2)
@@ -228,7 +231,8 @@ def print_table(r):
         ours1, ours2 = r[f"steps_per_s_b{batch}_1thread_ours"], r[f"steps_per_s_b{batch}_2thread_ours"]
         naive = r[f"steps_per_s_b{batch}_naive"]
         rows.append((f"steps/s, batch {batch}: ours (1 / 2 threads) | naive",
-                     f"{ours1:.0f} / {ours2:.0f} | {naive:.0f}   (x{max(ours1, ours2) / naive:.1f})"))
+                     f"{ours1:.0f} / {ours2:.0f} | {naive:.0f}   (x{max(ours1, ours2) / naive:.1f}); "
+                     f"bf16 autocast: {r[f'steps_per_s_b{batch}_1thread_bf16']:.0f}"))
     for threads in (1, 2):
         rows.append((f"sampling, {threads} thread(s): points x steps / s",
                      f"{r[f'sampling_points_steps_per_s_{threads}thread'] / 1e6:.2f} M "
@@ -249,7 +253,9 @@ def print_table(r):
         rows.append(("  speed-up of ours", f"x{r['classic_naive_estimate_s'] / r['classic_run']['wall_s']:.1f}"))
     if "mnist_unet" in r:
         u = r["mnist_unet"]
-        rows.append(("MNIST U-Net: training images/s", f"{u['train_images_per_s']:.0f} ({u['unet_parameters']:,} params)"))
+        rows.append(("MNIST U-Net: training images/s (fp32 | bf16)",
+                     f"{u['train_images_per_s']:.0f} | {r['mnist_unet_bf16_train_images_per_s']:.0f} "
+                     f"({u['unet_parameters']:,} params)"))
         rows.append(("MNIST U-Net: 64 images, 50-step DDIM", f"{u['ddim50_64_images_s']:.1f} s "
                                                             f"({u['ddim50_images_per_s']:.0f} images/s)"))
     width = max(len(k) for k, _ in rows)
