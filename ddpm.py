@@ -634,7 +634,7 @@ def build_parser():
     p.add_argument("--num_inference_steps", type=positive_int, default=None,
                    help="steps of the ddim sampler (default: all T)")
     p.add_argument("--eta", type=eta_range, default=0.0, help="DDIM's eta: 0 deterministic, 1 like DDPM")
-    p.add_argument("--save_images_step", type=positive_int, default=1, help="sample a frame every N epochs")
+    p.add_argument("--save_images_step", type=positive_int, default=2, help="sample a frame every N epochs")
     p.add_argument("--checkpoint_every", type=positive_int, default=10, help="write checkpoint.pt every N epochs")
     p.add_argument("--seed", type=int, default=0, help="same seed, same machine: same outputs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, then mps, then cpu")
