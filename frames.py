@@ -34,6 +34,7 @@ class FrameMaker:
         self.scheduler = ddpm.build_scheduler(config, device)
         self.scorer = metrics.make_scorer(config)
         self.shape = (config["eval_batch_size"], *datasets.sample_shape(config))
+        self.chunk = 100 if datasets.is_image_dataset(config["dataset"]) else self.shape[0]
         self.images = os.path.join(exp_dir, "images")
         os.makedirs(self.images, exist_ok=True)
         self.drawer = plotting.FrameDrawer(datasets.is_image_dataset(config["dataset"]))
@@ -41,14 +42,19 @@ class FrameMaker:
     def __call__(self, frame_index, epoch, state_dict):
         tic = time.perf_counter()
         self.model.load_state_dict(state_dict)
-        labels = None
-        if getattr(self.model, "num_classes", None):  # class-conditional: an even spread of labels
-            labels = torch.arange(self.shape[0], device=self.device) % self.model.num_classes
-        x = self.ddpm.sample(self.model, self.scheduler, self.shape, sampler=self.config["sampler"],
-                             num_inference_steps=self.config["num_inference_steps"], eta=self.config["eta"],
-                             generator=frame_generator(self.config["seed"], frame_index, self.device),
-                             device=self.device, labels=labels,
-                             guidance_scale=self.config.get("guidance_scale", 1.0)).cpu()
+        generator = frame_generator(self.config["seed"], frame_index, self.device)
+        n, chunks = self.shape[0], []
+        for start in range(0, n, self.chunk):  # images: ~3x faster in chunks than in one batch of 1,000
+            size = min(self.chunk, n - start)
+            labels = None
+            if getattr(self.model, "num_classes", None):  # class-conditional: an even spread of labels
+                labels = torch.arange(start, start + size, device=self.device) % self.model.num_classes
+            chunks.append(self.ddpm.sample(
+                self.model, self.scheduler, (size, *self.shape[1:]), sampler=self.config["sampler"],
+                num_inference_steps=self.config["num_inference_steps"], eta=self.config["eta"],
+                generator=generator, device=self.device, labels=labels,
+                guidance_scale=self.config.get("guidance_scale", 1.0)).cpu())
+        x = torch.cat(chunks)
         score = self.scorer(x)
         sampled = time.perf_counter()
         self.drawer.draw(x.numpy(), os.path.join(self.images, f"{frame_index:04d}.png"), f"epoch {epoch + 1}")
