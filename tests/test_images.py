@@ -203,6 +203,16 @@ def test_tiny_image_run_writes_every_output(tiny_dir, tmp_path):
     model = ddpm.build_model(config)
     model.load_state_dict(torch.load(exp / "model_ema.pth", weights_only=True))
     assert model.num_classes == 10
+    # sample.py on an image experiment: a chosen label, a PNG grid beside the .npy
+    sample = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), str(exp), "--num_samples", "6",
+                             "--label", "7", "--guidance_scale", "2", "--output", str(tmp_path / "s.npy")],
+                            capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert sample.returncode == 0, sample.stderr[-2000:]
+    samples = np.load(tmp_path / "s.npy")
+    assert samples.shape == (6, 1, 28, 28) and (tmp_path / "s.png").exists()
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), str(exp), "--label", "12",
+                          "--output", str(tmp_path / "t.npy")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--label" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_corrupt_data_exits_2_with_one_line(tmp_path, tiny_dir):
