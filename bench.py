@@ -8,7 +8,6 @@ naive textbook loop), sampling throughput, frame drawing, the default dino run a
 workload end to end (wall time split into training, sampling and drawing; peak memory), and
 the MNIST U-Net's images/s. The naive end-to-end figure is extrapolated from its measured parts.
 """
-import argparse
 import json
 import os
 import platform

@@ -10,7 +10,6 @@ steps and with DDIM (eta 0) over 50, 20 and 10 steps, and reports
   - for `line` (a uniform rectangle |x| <= 2, |y| <= 4): the share of samples in the corner
     regions |x| > 1.5, |y| > 3 (6.25% for the real thing) and outside the rectangle.
 """
-import argparse
 import sys
 
 import numpy as np

@@ -1,6 +1,5 @@
 """torchrun / DistributedDataParallel on CPU (gloo), and the --precision and --compile switches."""
 import copy
-import json
 import os
 import shutil
 import socket
