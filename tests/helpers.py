@@ -7,7 +7,8 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dataset_size", "256", "--train_batch_size", "32", "--num_epochs", "3", "--eval_batch_size", "64", "--quiet"]
+TINY = ["--dataset_size", "256", "--train_batch_size", "32", "--num_epochs", "3", "--eval_batch_size", "64",
+        "--save_images_step", "1", "--quiet"]
 
 
 def run_tool(script, *args, cwd=None, timeout=240):
