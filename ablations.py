@@ -23,8 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+import datasets
 import ddpm
 import figures
+import metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -261,19 +263,31 @@ def draw_study(study, runs, out_dir, path):
     figures.draw_grid(rows, titles, path, f"{study}: --{flag}  (score = energy distance to fresh data)")
 
 
+def sharpness(points, dataset, n=1000):
+    """(mean distance from each sample to the nearest of 10,000 fresh data points, the same for
+    n fresh data points): how far samples stray from the shape, e.g. fuzz at the line's corners."""
+    reference = datasets.get_dataset(dataset, 10_000, seed=30_000)
+    points = torch.as_tensor(points)[torch.isfinite(torch.as_tensor(points)).all(dim=1)]
+    data = datasets.get_dataset(dataset, n, seed=40_000)
+    return (metrics.nearest_neighbour_distance(points, reference),
+            metrics.nearest_neighbour_distance(data, reference))
+
+
 def study_table(study, runs, out_dir):
     flag, _ = STUDIES[study]
     lines = [f"### {study} (`--{flag}`)", "",
-             "| value | final score | floor | score / floor | final mean loss | training s | ᾱ_T |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| value | final score | floor | score / floor | final mean loss | training s | ᾱ_T | nn distance (data) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, name, flags in runs:
         r = load_result(os.path.join(out_dir, name))
-        alpha_bar_T = float(ddpm.build_scheduler(resolved(flags)).alphas_cumprod[-1])
+        config = resolved(flags)
+        alpha_bar_T = float(ddpm.build_scheduler(config).alphas_cumprod[-1])
         if r is None:
-            lines.append(f"| {label} | {missing(out_dir, name)} | | | | | {alpha_bar_T:.2f} |")
+            lines.append(f"| {label} | {missing(out_dir, name)} | | | | | {alpha_bar_T:.2f} | |")
         else:
+            nn, nn_data = sharpness(r["frames"][-1], config["dataset"])
             lines.append(f"| {label} | {r['score']:.4g} | {r['floor']:.4g} | {r['score'] / r['floor']:.2f} "
-                         f"| {r['loss']:.4f} | {r['seconds']:.0f} | {alpha_bar_T:.2f} |")
+                         f"| {r['loss']:.4f} | {r['seconds']:.0f} | {alpha_bar_T:.2f} | {nn:.3f} ({nn_data:.3f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -290,6 +304,8 @@ def write_tables(studies, overrides, out_dir, path):
             "floor: the score two fresh samples of the data get, the best possible. Final mean loss: the last",
             "epoch's mean training loss. Training seconds: wall time of the run (one thread, two runs at once).",
             "ᾱ_T: what is left of the data at the end of the forward process (0 = pure noise, where sampling starts).",
+            "nn distance: mean distance from a sample to the nearest of 10,000 fresh data points (sharpness; in",
+            "brackets the same for 1,000 fresh data points, the best possible).",
             ""]
     text += [study_table(study, study_runs(study, overrides), out_dir) for study in studies]
     with open(path, "w") as f:
@@ -319,7 +335,7 @@ def reverse_trajectory(exp_dir, n=1000, seed=0):
 
 def draw_pictures(out_dir, static_dir):
     """forward.png, reverse.png and animation.gif from the classic and ours (default) runs."""
-    x0 = ddpm.datasets.get_dataset("dino", 1000, seed=1)
+    x0 = datasets.get_dataset("dino", 1000, seed=1)
     schedules = []
     for label, name in (("classic", "classic"), (OURS, "ours_default")):
         with open(os.path.join(out_dir, name, "config.json")) as f:
