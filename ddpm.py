@@ -495,8 +495,7 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
                 torch.distributed.all_reduce(reduced[:-1])                      # sum of the ranks' losses
                 torch.distributed.all_reduce(reduced[-1:], op=torch.distributed.ReduceOp.MAX)
                 epoch_losses.copy_(reduced[:-1] / world_size)                  # loss.npy: the mean over ranks
-                if reduced[-1] > 0:
-                    stop_here(epoch + 1, 0, int(reduced[-1]))
+                distributed_stop = int(reduced[-1])  # acted on at the end of this epoch, below
             epoch_loss = float(epoch_losses.mean())
             if not math.isfinite(epoch_loss):
                 bad = int(torch.nonzero(~torch.isfinite(epoch_losses))[0]) + step - steps_per_epoch
@@ -510,10 +509,10 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
             progress.update(steps_per_epoch)
             last_epoch = epoch == num_epochs - 1
             if main_process and ((epoch + 1) % config["save_images_step"] == 0 or last_epoch):
-                index = len(rows)
-                rows[index] = {"frame": index, "epoch": epoch, "step": step, "loss": epoch_loss,
-                               "seconds": time.time() - start_time}
-                frames.submit(index, epoch, ema_model if ema_model is not None else model)
+                frame_index = len(rows)
+                rows[frame_index] = {"frame": frame_index, "epoch": epoch, "step": step, "loss": epoch_loss,
+                                     "seconds": time.time() - start_time}
+                frames.submit(frame_index, epoch, ema_model if ema_model is not None else model)
                 frames.collect()
                 if frames.done:
                     latest = frames.done[max(frames.done)][1]
@@ -521,6 +520,8 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
                                          floor=f"{latest['floor']:.4f}", refresh=False)
             if (epoch + 1) % config["checkpoint_every"] == 0 or last_epoch:
                 save_checkpoint(epoch + 1, 0)
+            if distributed and distributed_stop:
+                stop_here(epoch + 1, 0, distributed_stop)
     progress.close()
     if not main_process:
         return None
