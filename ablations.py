@@ -59,11 +59,13 @@ OURS = "ours (default)"
 def default_config():
     """ddpm.py's defaults as its parser has them now (what `python ddpm.py` trains)."""
     config = vars(ddpm.build_parser().parse_args([]))
+    config["precision"] = ddpm.resolve_precision(config["precision"], config["dataset"], ddpm.pick_device("auto"))
     return {k: v for k, v in config.items() if k not in ddpm.RUN_FLAGS + ("experiment_name", "out_dir")}
 
 
 # flags newer than the classic, pinned to its behaviour when this ddpm.py has them
-CLASSIC.update({k: v for k, v in {"input_scale": 25.0, "precision": "fp32"}.items() if k in default_config()})
+CLASSIC.update({k: v for k, v in {"input_scale": 25.0, "precision": "fp32", "lr_schedule": "constant",
+                                   "low_noise_fraction": 0.0}.items() if k in default_config()})
 
 
 def run_name(flag, value):
@@ -102,6 +104,7 @@ def command(name, flags, out_dir, mode=None):
 def resolved(flags):
     """Every setting of the run: its flags plus ddpm.py's defaults for the rest, as config.json has them."""
     config = vars(ddpm.build_parser().parse_args(command("x", flags, "x")[2:]))
+    config["precision"] = ddpm.resolve_precision(config["precision"], config["dataset"], ddpm.pick_device("auto"))
     return {k: v for k, v in config.items() if k not in ddpm.RUN_FLAGS + ("experiment_name", "out_dir")}
 
 

@@ -53,7 +53,8 @@ class FrameMaker:
                 self.model, self.scheduler, (size, *self.shape[1:]), sampler=self.config["sampler"],
                 num_inference_steps=self.config["num_inference_steps"], eta=self.config["eta"],
                 generator=generator, device=self.device, labels=labels,
-                guidance_scale=self.config.get("guidance_scale", 1.0)).cpu())
+                guidance_scale=self.config.get("guidance_scale", 1.0),
+                precision=self.config.get("precision", "fp32")).cpu())
         x = torch.cat(chunks)
         score = self.scorer(x)
         sampled = time.perf_counter()

@@ -33,6 +33,31 @@ class SinusoidalEmbedding(nn.Module):
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
 
 
+class RandomDirectionEmbedding(nn.Module):
+    """Sinusoidal features of a whole point along random directions: sin/cos of f_k (u_k . p)
+    with the sinusoidal embedding's frequencies f_k (scale down to scale/10000, geometric) and
+    unit vectors u_k at random angles. One sinusoidal embedding per coordinate only varies
+    along the axes; these features vary along many directions, so the MLP's first layer
+    already sees oblique ridges at every frequency (random Fourier features, Tancik et al.
+    2020, with the frequencies spread from coarse to fine). The directions are a buffer in
+    the state_dict, drawn from a fixed seed."""
+
+    def __init__(self, size: int, scale: float = 1.0, seed: int = 0):
+        super().__init__()
+        if size < 2 or size % 2:
+            raise ValueError(f"random-direction embedding size must be even and >= 2, got {size}")
+        self.output_size = size
+        half = size // 2
+        frequencies = scale * torch.exp(-math.log(10000.0) * torch.arange(half) / max(half - 1, 1))
+        angles = torch.rand(half, generator=torch.Generator().manual_seed(seed)) * 2 * math.pi
+        directions = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)  # [half, 2]
+        self.register_buffer("B", frequencies[:, None] * directions)               # [half, 2]
+
+    def forward(self, p):  # p: [B, 2] -> [B, size]
+        angles = p.float() @ self.B.T
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
 class LearnableEmbedding(nn.Module):
     """A learned linear map from the scalar to `size` features."""
 
@@ -78,6 +103,7 @@ class ZeroEmbedding(nn.Module):
 
 
 EMBEDDINGS = ("sinusoidal", "learnable", "linear", "identity", "zero")
+
 
 
 def make_embedding(kind: str, size: int, scale: float = 1.0, max_value: float = 1.0) -> nn.Module:

@@ -103,7 +103,8 @@ def main(argv=None):
                       else (torch.arange(start, start + n, device=device) % model.num_classes))
         chunks.append(ddpm.sample(model, scheduler, (n, *shape_tail), sampler=sampler,
                                   num_inference_steps=steps, eta=eta, generator=generator, device=device,
-                                  labels=labels, guidance_scale=guidance).cpu())
+                                  labels=labels, guidance_scale=guidance,
+                                  precision=config.get("precision", "fp32")).cpu())
     samples = torch.cat(chunks).numpy()
     seconds = time.time() - tic
     atomic_save_npy(output, samples)

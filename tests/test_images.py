@@ -189,7 +189,7 @@ def test_tiny_image_run_writes_every_output(tiny_dir, tmp_path):
            "--out_dir", str(tmp_path), "--experiment_name", "tiny", "--dataset_size", "64", "--num_epochs", "2",
            "--unet_channels", "8", "--num_timesteps", "20", "--num_inference_steps", "5", "--eval_batch_size", "16",
            "--save_images_step", "1", "--class_conditional", "--quiet"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     exp = tmp_path / "tiny"
     for name in ("config.json", "model.pth", "model_ema.pth", "loss.npy", "frames.npy", "metrics.csv",
@@ -199,6 +199,8 @@ def test_tiny_image_run_writes_every_output(tiny_dir, tmp_path):
     assert frames.shape == (2, 16, 1, 28, 28) and np.isfinite(frames).all() and np.abs(frames).max() <= 1 + 1e-5
     config = json.loads((exp / "config.json").read_text())
     assert config["num_timesteps"] == 20 and config["beta_schedule"] == "cosine" and config["sampler"] == "ddim"
+    # --precision auto is resolved before config.json is written: what the run used, for this machine
+    assert config["precision"] == ddpm.resolve_precision("auto", "mnist", "cpu") in ("fp32", "bf16")
     assert len((exp / "metrics.csv").read_text().strip().splitlines()) == 3
     model = ddpm.build_model(config)
     model.load_state_dict(torch.load(exp / "model_ema.pth", weights_only=True))

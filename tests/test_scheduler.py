@@ -156,3 +156,42 @@ def test_wrong_sampler_gets_wrong_answer():
     x = sample(model, s, (20000, 2), sampler="ddim", eta=0.0, num_inference_steps=5,
                generator=torch.Generator().manual_seed(0))
     assert abs(float(x.var()) - 0.25) > 0.05 * 0.25
+
+
+def test_cosine_learning_rate_schedule_decays_to_zero():
+    config = {"learning_rate": 2e-3, "lr_schedule": "cosine"}
+    assert ddpm.learning_rate_at(0, 100, config) == pytest.approx(2e-3)
+    assert ddpm.learning_rate_at(50, 100, config) == pytest.approx(1e-3)   # half way: half the rate
+    assert ddpm.learning_rate_at(100, 100, config) == pytest.approx(0, abs=1e-12)
+    assert ddpm.learning_rate_at(70, 100, {**config, "lr_schedule": "constant"}) == 2e-3
+
+
+def test_low_noise_fraction_draws_the_documented_timestep_mix():
+    T, n = 50, 200_000
+    g = torch.Generator().manual_seed(0)
+    uniform = ddpm.sample_timesteps(n, T, 0.0, g)
+    assert uniform.min() == 0 and uniform.max() == T - 1
+    assert float(uniform.float().mean()) == pytest.approx((T - 1) / 2, abs=0.1)
+    # half from the lowest 10 steps, half uniform over 50: P(t < 10) = 0.5 + 0.5 * 10/50 = 0.6
+    mixed = ddpm.sample_timesteps(n, T, 0.5, g)
+    assert float((mixed < 10).float().mean()) == pytest.approx(0.6, abs=0.005)
+    assert float((mixed == 3).float().mean()) == pytest.approx(0.5 / 10 + 0.5 / 50, abs=0.002)
+    assert int(ddpm.sample_timesteps(n, T, 1.0, g).max()) == 9
+
+
+def test_random_direction_embedding_has_the_sinusoidal_frequencies_along_random_directions():
+    from positional_embeddings import RandomDirectionEmbedding, SinusoidalEmbedding
+    emb, axis = RandomDirectionEmbedding(256, scale=100.0), SinusoidalEmbedding(128, scale=100.0)
+    assert torch.allclose(emb.B.norm(dim=1), 100.0 * axis.frequencies, rtol=1e-5)
+    directions = emb.B / emb.B.norm(dim=1, keepdim=True)
+    assert directions[:, 0].abs().max() < 1 and directions[:, 0].abs().min() < 0.9  # not all on an axis
+    p = torch.randn(5, 2)
+    angles = p @ emb.B.T
+    assert torch.allclose(emb(p), torch.cat([angles.sin(), angles.cos()], dim=1))
+    # saved with the model: a rebuilt MLP with the loaded state_dict gives the same output
+    model = ddpm.MLP(input_embedding="fourier", input_scale=100.0)
+    assert "input_embedding.B" in model.state_dict()
+    other = ddpm.MLP(input_embedding="fourier", input_scale=100.0)
+    other.load_state_dict(model.state_dict())
+    t = torch.zeros(5, dtype=torch.long)
+    assert torch.equal(model(p, t), other(p, t))
