@@ -68,6 +68,10 @@ CLASSIC.update({k: v for k, v in {"input_scale": 25.0, "precision": "fp32", "lr_
                                    "low_noise_fraction": 0.0}.items() if k in default_config()})
 
 
+# what a run behaved like before a flag existed: its config.json lacks the flag
+BEFORE_FLAG = {"lr_schedule": "constant", "low_noise_fraction": 0.0}
+
+
 def run_name(flag, value):
     return "classic" if value == CLASSIC[flag] else f"{flag}={value}"
 
@@ -118,7 +122,7 @@ def run_state(exp_dir, flags):
             saved = json.load(f)
     except (OSError, ValueError):
         return "overwrite"
-    if any(saved.get(k) != v for k, v in resolved(flags).items()):
+    if any(saved.get(k, BEFORE_FLAG.get(k)) != v for k, v in resolved(flags).items()):
         return "overwrite"
     rows = read_metrics(exp_dir)
     finished = bool(rows) and rows[-1]["epoch"] == resolved(flags)["num_epochs"] - 1

@@ -35,7 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # the classic tiny-diffusion configuration: 50,000 steps at batch 32, 200 frames of 1,000 points x 50 steps
 CLASSIC = ["--train_batch_size", "32", "--num_epochs", "200", "--learning_rate", "1e-3", "--num_timesteps", "50",
            "--beta_schedule", "linear", "--beta_start", "1e-4", "--beta_end", "0.02", "--ema_decay", "0",
-           "--input_scale", "25", "--save_images_step", "1"]
+           "--input_embedding", "sinusoidal", "--input_scale", "25", "--lr_schedule", "constant",
+           "--low_noise_fraction", "0", "--save_images_step", "1"]
 
 
 def default_config(**overrides):

@@ -141,3 +141,18 @@ def test_tiny_study_end_to_end_draws_a_grid_and_skips_on_rerun(tmp_path, monkeyp
     stamp = os.path.getmtime(tmp_path / "runs" / "ours_default" / "model.pth")
     assert ablations.main(argv) == {}  # everything done: nothing retrained
     assert os.path.getmtime(tmp_path / "runs" / "ours_default" / "model.pth") == stamp
+
+
+def test_a_run_from_before_a_flag_existed_is_not_stale_when_it_matches_the_old_behaviour(tmp_path):
+    flags = {**ablations.CLASSIC, "num_epochs": 3, "save_images_step": 1}
+    exp = str(tmp_path / "run")
+    fake_run(exp, flags, 3)
+    with open(os.path.join(exp, "config.json")) as f:
+        config = json.load(f)
+    for key in ablations.BEFORE_FLAG:  # as an older ddpm.py wrote it
+        del config[key]
+    with open(os.path.join(exp, "config.json"), "w") as f:
+        json.dump(config, f)
+    assert ablations.run_state(exp, flags) == "done"
+    # the same old run is stale for a configuration that uses the new behaviour
+    assert ablations.run_state(exp, {**flags, "lr_schedule": "cosine"}) == "overwrite"

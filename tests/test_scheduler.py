@@ -181,8 +181,11 @@ def test_low_noise_fraction_draws_the_documented_timestep_mix():
 
 def test_random_direction_embedding_has_the_sinusoidal_frequencies_along_random_directions():
     from positional_embeddings import RandomDirectionEmbedding, SinusoidalEmbedding
-    emb, axis = RandomDirectionEmbedding(256, scale=100.0), SinusoidalEmbedding(128, scale=100.0)
-    assert torch.allclose(emb.B.norm(dim=1), 100.0 * axis.frequencies, rtol=1e-5)
+    emb, axis = RandomDirectionEmbedding(256, scale=100.0), SinusoidalEmbedding(256, scale=100.0)
+    # 128 frequencies from 100 down to 100/10000, geometric: 100 * 10000^(-k/127)
+    expected = 100.0 * 10000.0 ** (-torch.arange(128, dtype=torch.float64) / 127)
+    assert torch.allclose(emb.B.norm(dim=1).double(), expected, rtol=1e-5)
+    assert torch.allclose(axis.frequencies.double() * 100.0, expected, rtol=1e-5)
     directions = emb.B / emb.B.norm(dim=1, keepdim=True)
     assert directions[:, 0].abs().max() < 1 and directions[:, 0].abs().min() < 0.9  # not all on an axis
     p = torch.randn(5, 2)
