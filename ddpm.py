@@ -665,9 +665,9 @@ def build_parser():
                    help="how the MLP sees t (zero: it does not)")
     p.add_argument("--input_embedding", default="fourier",
                    choices=("sinusoidal", "learnable", "linear", "identity", "fourier"),
-                   help="how the MLP sees x and y (fourier: random Fourier features of the point)")
+                   help="how the MLP sees x and y (fourier: sinusoidal features of the point along random directions)")
     p.add_argument("--input_scale", type=positive_float, default=100.0,
-                   help="sinusoidal: its largest frequency; fourier: the std of its random frequencies")
+                   help="largest frequency of the fourier / sinusoidal input features (they go down to it / 10000)")
     p.add_argument("--ema_decay", type=ema_range, default=0.995,
                    help="EMA of the weights for frames and sampling; 0 turns it off")
     p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="sampler for the frames")
