@@ -63,13 +63,12 @@ def default_config():
     return {k: v for k, v in config.items() if k not in ddpm.RUN_FLAGS + ("experiment_name", "out_dir")}
 
 
-# flags newer than the classic, pinned to its behaviour when this ddpm.py has them
-CLASSIC.update({k: v for k, v in {"input_scale": 25.0, "precision": "fp32", "lr_schedule": "constant",
-                                   "low_noise_fraction": 0.0}.items() if k in default_config()})
-
-
 # what a run behaved like before a flag existed: its config.json lacks the flag
 BEFORE_FLAG = {"lr_schedule": "constant", "low_noise_fraction": 0.0}
+
+# flags newer than the classic, pinned to its behaviour when this ddpm.py has them
+CLASSIC.update({k: v for k, v in {"input_scale": 25.0, "precision": "fp32", **BEFORE_FLAG}.items()
+                if k in default_config()})
 
 
 def run_name(flag, value):

@@ -9,6 +9,12 @@ import torch
 import torch.nn as nn
 
 
+def geometric_frequencies(n: int) -> torch.Tensor:
+    """n frequencies from 1 down to 1/10000, spaced geometrically (Vaswani et al. 2017)."""
+    exponent = torch.arange(n, dtype=torch.float32) / max(n - 1, 1)
+    return torch.exp(-math.log(10000.0) * exponent)
+
+
 class SinusoidalEmbedding(nn.Module):
     """Transformer-style sin/cos features (Vaswani et al. 2017), as DDPM embeds t.
 
@@ -23,10 +29,7 @@ class SinusoidalEmbedding(nn.Module):
             raise ValueError(f"sinusoidal embedding size must be even and >= 2, got {size}")
         self.output_size = size
         self.scale = scale
-        half = size // 2
-        # frequencies 1, ..., 1/10000 spaced geometrically
-        exponent = torch.arange(half, dtype=torch.float32) / max(half - 1, 1)
-        self.register_buffer("frequencies", torch.exp(-math.log(10000.0) * exponent), persistent=False)
+        self.register_buffer("frequencies", geometric_frequencies(size // 2), persistent=False)
 
     def forward(self, x):  # x: [B] -> [B, size]
         angles = (x.float() * self.scale)[:, None] * self.frequencies[None, :]
@@ -48,7 +51,7 @@ class RandomDirectionEmbedding(nn.Module):
             raise ValueError(f"random-direction embedding size must be even and >= 2, got {size}")
         self.output_size = size
         half = size // 2
-        frequencies = scale * torch.exp(-math.log(10000.0) * torch.arange(half) / max(half - 1, 1))
+        frequencies = scale * geometric_frequencies(half)
         angles = torch.rand(half, generator=torch.Generator().manual_seed(seed)) * 2 * math.pi
         directions = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)  # [half, 2]
         self.register_buffer("B", frequencies[:, None] * directions)               # [half, 2]
