@@ -163,6 +163,19 @@ class NoiseScheduler:
             eps = (x_t - sqrt_ab * x0) / sqrt_1m_ab
         return x0, eps
 
+    def min_snr_weight(self, t, gamma):
+        """Min-SNR-gamma loss weights [B] (Hang et al. 2023): the loss of the x_0 error weighted by
+        min(SNR_t, gamma), SNR_t = alpha_bar_t / (1 - alpha_bar_t), written for the network's target:
+        the eps error is the x_0 error times SNR_t, the v error times SNR_t + 1. Low-noise steps,
+        whose x_0 error is tiny anyway, then stop taking a large share of the gradient."""
+        snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
+        clipped = snr.clamp(max=gamma)
+        if self.prediction == "epsilon":
+            return clipped / snr
+        if self.prediction == "v":
+            return clipped / (snr + 1)
+        return clipped
+
     # -- reverse process ---------------------------------------------------------------------
     def step(self, model_output, t, x_t, noise):
         """One ancestral step x_t -> x_{t-1} (Algorithm 2): a draw from the posterior
@@ -368,14 +381,18 @@ def ema_decay_at(step, decay):
     return min(decay, (1 + step) / (10 + step))
 
 
-def training_step(net, scheduler, optimizer, x_start, noise, t, labels=None, precision="fp32"):
+def training_step(net, scheduler, optimizer, x_start, noise, t, labels=None, precision="fp32", min_snr_gamma=0.0):
     """One optimizer step of Algorithm 1 on a batch: noise it (eq. 4), regress the target (eq. 14).
     `net` may be the model itself or its DistributedDataParallel / torch.compile wrapper."""
     x_t = scheduler.add_noise(x_start, noise, t)                     # forward process, eq. 4
     with torch.autocast(x_start.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         prediction = net(x_t, t) if labels is None else net(x_t, t, labels)
     target = scheduler.training_target(x_start, noise, t)
-    loss = F.mse_loss(prediction.float(), target)                    # eq. 14, the simple loss
+    if min_snr_gamma:  # per-example squared error, weighted by the timestep
+        squared_error = (prediction.float() - target).square().flatten(1).mean(1)
+        loss = (scheduler.min_snr_weight(t, min_snr_gamma) * squared_error).mean()
+    else:
+        loss = F.mse_loss(prediction.float(), target)                # eq. 14, the simple loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()                                                  # DDP averages gradients here
     nn.utils.clip_grad_norm_(net.parameters(), 1.0, foreach=True)
@@ -513,7 +530,8 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
                 if config.get("lr_schedule", "constant") != "constant":
                     for group in optimizer.param_groups:
                         group["lr"] = learning_rate_at(step, total_steps, config)
-                losses[step] = training_step(net, scheduler, optimizer, x_start, noise, t, y, config["precision"])
+                losses[step] = training_step(net, scheduler, optimizer, x_start, noise, t, y, config["precision"],
+                                             config.get("min_snr_gamma", 0.0))
                 if ema_model is not None:  # ema += (1 - decay) (weights - ema), one fused op
                     torch._foreach_lerp_(ema_params, model_params, 1 - ema_decay_at(step, config["ema_decay"]))
                 step += 1
@@ -651,7 +669,9 @@ def build_parser():
                    help="cosine: decay the learning rate to 0 over the run")
     p.add_argument("--low_noise_fraction", type=_number(float, 0, True, 1, True, what="a number in [0, 1]"),
                    default=0.5, help="share of training timesteps drawn from the lowest fifth of the T (0: uniform)")
-    p.add_argument("--num_timesteps", type=positive_int, default=50, help="T, the length of the diffusion")
+    p.add_argument("--min_snr_gamma", type=_number(float, 0, True, what="a number >= 0"), default=0.0,
+                   help="weight each timestep's loss by min(SNR, gamma) in x_0 terms (Hang et al. 2023); 0: the simple loss")
+    p.add_argument("--num_timesteps", type=positive_int, default=200, help="T, the length of the diffusion")
     p.add_argument("--beta_schedule", default="quadratic", choices=SCHEDULES, help="how the noise variance grows")
     p.add_argument("--beta_start", type=unit_interval, default=1e-4,
                    help="first beta (linear/quadratic/sigmoid)")
@@ -674,7 +694,7 @@ def build_parser():
     p.add_argument("--num_inference_steps", type=positive_int, default=None,
                    help="steps of the ddim sampler (default: all T)")
     p.add_argument("--eta", type=eta_range, default=0.0, help="DDIM's eta: 0 deterministic, 1 like DDPM")
-    p.add_argument("--save_images_step", type=positive_int, default=2, help="sample a frame every N epochs")
+    p.add_argument("--save_images_step", type=positive_int, default=4, help="sample a frame every N epochs")
     p.add_argument("--checkpoint_every", type=positive_int, default=10, help="write checkpoint.pt every N epochs")
     p.add_argument("--seed", type=int, default=0, help="same seed, same machine: same outputs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, then mps, then cpu")

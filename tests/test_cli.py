@@ -73,7 +73,7 @@ def test_same_seed_same_outputs(tmp_path):
 def test_training_learns(tmp_path):
     # a short run on a simple dataset must beat its own first frame by a clear margin
     result = train(tmp_path, "learn", "--dataset", "circle", "--dataset_size", "2000", "--num_epochs", "12",
-                   "--train_batch_size", "64", "--eval_batch_size", "500", "--quiet")
+                   "--train_batch_size", "64", "--eval_batch_size", "500", "--save_images_step", "1", "--quiet")
     assert result.returncode == 0, result.stderr
     metrics = pd.read_csv(tmp_path / "learn" / "metrics.csv")
     first, last = metrics["score"].iloc[0], metrics["score"].iloc[-1]

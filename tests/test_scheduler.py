@@ -198,3 +198,22 @@ def test_random_direction_embedding_has_the_sinusoidal_frequencies_along_random_
     other.load_state_dict(model.state_dict())
     t = torch.zeros(5, dtype=torch.long)
     assert torch.equal(model(p, t), other(p, t))
+
+
+@pytest.mark.parametrize("prediction", ddpm.PREDICTIONS)
+def test_min_snr_weight_is_min_snr_gamma_times_the_x0_error(prediction):
+    # Hang et al. 2023: loss = min(SNR_t, gamma) ||x0_hat - x0||^2, whatever the network predicts
+    s = NoiseScheduler(100, "cosine", prediction=prediction)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(64, 2, 3, generator=g), torch.randn(64, 2, 3, generator=g)
+    t = torch.arange(0, 100, 100 // 64 + 1)[:64].repeat(2)[:64]
+    x_t = s.add_noise(x0, noise, t)
+    output = s.training_target(x0, noise, t) + 0.1 * torch.randn(64, 2, 3, generator=g)  # an imperfect network
+    x0_hat, _ = s.predict_x0_and_eps(output, x_t, t)
+    alpha_bar = s.alphas_cumprod[t].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = snr.clamp(max=5) * (x0_hat - x0).double().square().flatten(1).mean(1)
+    weighted = s.min_snr_weight(t, 5.0) * (output - s.training_target(x0, noise, t)).square().flatten(1).mean(1)
+    np.testing.assert_allclose(weighted.numpy(), expected.numpy(), rtol=2e-3)
+    if prediction == "epsilon":  # gamma above every SNR: the simple loss of eq. 14
+        torch.testing.assert_close(s.min_snr_weight(t, 1e12), torch.ones(64))
