@@ -64,7 +64,7 @@ def steps_per_second_ours(batch_size, steps, threads=1, precision="fp32"):
         x = data[perm[position:position + batch_size]]
         position += batch_size
         noise = torch.randn(x.shape, generator=g)
-        t = torch.randint(0, 50, (len(x),), generator=g)
+        t = torch.randint(0, config["num_timesteps"], (len(x),), generator=g)
         loss = ddpm.training_step(model, scheduler, optimizer, x, noise, t, precision=precision)
         losses[step % steps] = loss
     return steps / (time.perf_counter() - tic)
@@ -89,7 +89,7 @@ def steps_per_second_naive(batch_size, steps, threads=1):
             if done == 20:
                 tic = time.perf_counter()
             noise = torch.randn(x.shape)
-            t = torch.randint(0, 50, (len(x),)).long()
+            t = torch.randint(0, config["num_timesteps"], (len(x),)).long()
             loss = F.mse_loss(model(scheduler.add_noise(x, noise, t), t), noise)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -108,7 +108,7 @@ def steps_per_second_naive(batch_size, steps, threads=1):
 
 
 def sampling_throughput(threads, repeats):
-    """Points x steps per second of the 2D model's full reverse process (1,000 points x 50 steps)."""
+    """Points x steps per second of the default 2D model's full reverse process (1,000 points x T steps)."""
     torch.set_num_threads(threads)
     config = default_config()
     model, scheduler = ddpm.build_model(config).eval(), ddpm.build_scheduler(config)
@@ -117,7 +117,36 @@ def sampling_throughput(threads, repeats):
     for _ in range(repeats):
         ddpm.sample(model, scheduler, (1000, 2))
     seconds = (time.perf_counter() - tic) / repeats
-    return 1000 * 50 / seconds, seconds
+    return 1000 * scheduler.num_timesteps / seconds
+
+
+def arithmetic_floor_steps_per_second(batch_size, repeats):
+    """An upper bound on any loop's steps/s for the default MLP (1 thread): the time of the step's
+    matrix products alone (each Linear's forward, input-gradient and weight-gradient product, as
+    plain mm on the same shapes) plus one fused AdamW update of all the parameters. Every loop,
+    ours or the naive one, pays at least this much arithmetic and memory traffic per step."""
+    torch.set_num_threads(1)
+    model = ddpm.build_model(default_config())
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(batch_size, m.in_features) for m in linears]
+    grads = [torch.randn(batch_size, m.out_features) for m in linears]
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+
+    def one_step():
+        for m, x, g in zip(linears, inputs, grads):
+            torch.mm(x, m.weight.detach().T)    # forward   [B, in] x [in, out]
+            torch.mm(g, m.weight.detach())      # backward: gradient of the input
+            torch.mm(g.T, x)                    # backward: gradient of the weight
+        optimizer.step()
+    for _ in range(50):
+        one_step()
+    tic = time.perf_counter()
+    for _ in range(repeats):
+        one_step()
+    return repeats / (time.perf_counter() - tic)
 
 
 def drawing_seconds(n_frames, naive):
@@ -201,17 +230,17 @@ def main():
             results[f"steps_per_s_b{batch}_{threads}thread_ours"] = steps_per_second_ours(batch, n, threads)
         results[f"steps_per_s_b{batch}_naive"] = steps_per_second_naive(batch, n, threads=1)
         results[f"steps_per_s_b{batch}_1thread_bf16"] = steps_per_second_ours(batch, n, 1, "bf16")
+        results[f"steps_per_s_b{batch}_arithmetic_floor"] = arithmetic_floor_steps_per_second(batch, n)
     print("measuring sampling and drawing ...", flush=True)
     for threads in (1, 2):
-        rate, seconds = sampling_throughput(threads, 3 if args.quick else 10)
-        results[f"sampling_points_steps_per_s_{threads}thread"] = rate
-        results[f"sampling_frame_s_{threads}thread"] = seconds
+        results[f"sampling_points_steps_per_s_{threads}thread"] = sampling_throughput(threads, 3 if args.quick else 10)
     n_draw = 20 if args.quick else 200
     results["drawing_200_frames_s_ours"] = drawing_seconds(n_draw, naive=False) * 200 / n_draw
     results["drawing_200_frames_s_naive"] = drawing_seconds(10, naive=True) * 20
 
     naive_steps = results["steps_per_s_b32_naive"]
-    results["classic_naive_estimate_s"] = (50_000 / naive_steps + 200 * results["sampling_frame_s_2thread"]
+    classic_frame_s = 1000 * 50 / results["sampling_points_steps_per_s_2thread"]  # 1,000 points x 50 steps
+    results["classic_naive_estimate_s"] = (50_000 / naive_steps + 200 * classic_frame_s
                                            + results["drawing_200_frames_s_naive"])
     if not args.skip_end_to_end:
         with tempfile.TemporaryDirectory() as out_dir:
@@ -239,10 +268,13 @@ def print_table(r):
         rows.append((f"steps/s, batch {batch}: ours (1 / 2 threads) | naive",
                      f"{ours1:.0f} / {ours2:.0f} | {naive:.0f}   (x{max(ours1, ours2) / naive:.1f}); "
                      f"bf16 autocast: {r[f'steps_per_s_b{batch}_1thread_bf16']:.0f}"))
+        floor = r[f"steps_per_s_b{batch}_arithmetic_floor"]
+        rows.append((f"  bound: matrix products + AdamW alone, 1 thread", f"{floor:.0f} (x{floor / naive:.1f} naive)"))
     for threads in (1, 2):
+        rate = r[f"sampling_points_steps_per_s_{threads}thread"]
         rows.append((f"sampling, {threads} thread(s): points x steps / s",
-                     f"{r[f'sampling_points_steps_per_s_{threads}thread'] / 1e6:.2f} M "
-                     f"({r[f'sampling_frame_s_{threads}thread'] * 1000:.0f} ms per 1,000 x 50 frame)"))
+                     f"{rate / 1e6:.2f} M ({50_000 / rate * 1000:.0f} ms per 1,000 points x 50 steps, "
+                     f"{200_000 / rate * 1000:.0f} ms x 200)"))
     rows.append(("drawing 200 frames: ours | naive (new 10x10 figure)",
                  f"{r['drawing_200_frames_s_ours']:.1f} s | {r['drawing_200_frames_s_naive']:.1f} s"))
     for key, title in (("default_run", "default dino run (python ddpm.py)"),
