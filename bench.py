@@ -123,13 +123,14 @@ def sampling_throughput(threads, repeats):
 def arithmetic_floor_steps_per_second(batch_size, repeats):
     """An upper bound on any loop's steps/s for the default MLP (1 thread): the time of the step's
     matrix products alone (each Linear's forward, input-gradient and weight-gradient product, as
-    plain mm on the same shapes) plus one fused AdamW update of all the parameters. Every loop,
-    ours or the naive one, pays at least this much arithmetic and memory traffic per step."""
+    plain mm on the same shapes), its GELUs forward and backward, and one fused AdamW update of all
+    the parameters. Every loop, ours or the naive one, pays at least this much per step."""
     torch.set_num_threads(1)
     model = ddpm.build_model(default_config())
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(batch_size, m.in_features) for m in linears]
     grads = [torch.randn(batch_size, m.out_features) for m in linears]
+    activations = grads[:-1]  # a GELU follows every Linear but the last
     params = list(model.parameters())
     for p in params:
         p.grad = torch.randn_like(p)
@@ -140,6 +141,9 @@ def arithmetic_floor_steps_per_second(batch_size, repeats):
             torch.mm(x, m.weight.detach().T)    # forward   [B, in] x [in, out]
             torch.mm(g, m.weight.detach())      # backward: gradient of the input
             torch.mm(g.T, x)                    # backward: gradient of the weight
+        for h in activations:
+            F.gelu(h)
+            torch.ops.aten.gelu_backward(h, h)
         optimizer.step()
     for _ in range(50):
         one_step()
@@ -269,7 +273,7 @@ def print_table(r):
                      f"{ours1:.0f} / {ours2:.0f} | {naive:.0f}   (x{max(ours1, ours2) / naive:.1f}); "
                      f"bf16 autocast: {r[f'steps_per_s_b{batch}_1thread_bf16']:.0f}"))
         floor = r[f"steps_per_s_b{batch}_arithmetic_floor"]
-        rows.append((f"  bound: matrix products + AdamW alone, 1 thread", f"{floor:.0f} (x{floor / naive:.1f} naive)"))
+        rows.append((f"  bound: matrix products, GELU, AdamW alone, 1 thread", f"{floor:.0f} (x{floor / naive:.1f} naive)"))
     for threads in (1, 2):
         rate = r[f"sampling_points_steps_per_s_{threads}thread"]
         rows.append((f"sampling, {threads} thread(s): points x steps / s",

@@ -694,7 +694,7 @@ def build_parser():
     p.add_argument("--num_inference_steps", type=positive_int, default=None,
                    help="steps of the ddim sampler (default: all T)")
     p.add_argument("--eta", type=eta_range, default=0.0, help="DDIM's eta: 0 deterministic, 1 like DDPM")
-    p.add_argument("--save_images_step", type=positive_int, default=4, help="sample a frame every N epochs")
+    p.add_argument("--save_images_step", type=positive_int, default=8, help="sample a frame every N epochs")
     p.add_argument("--checkpoint_every", type=positive_int, default=10, help="write checkpoint.pt every N epochs")
     p.add_argument("--seed", type=int, default=0, help="same seed, same machine: same outputs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, then mps, then cpu")
@@ -727,8 +727,9 @@ def build_parser():
 # Defaults measured for 28x28 images on a 2-core CPU (README, "Images"), used for the flags a
 # command line does not give when --dataset is an image dataset; 2D keeps the defaults above.
 IMAGE_DEFAULTS = {"dataset_size": 60000, "num_timesteps": 1000, "beta_schedule": "cosine",
+                  "prediction": "v", "min_snr_gamma": 5.0,
                   "train_batch_size": 64, "learning_rate": 1e-3, "ema_decay": 0.999, "num_epochs": 70,
-                  "sampler": "ddim", "num_inference_steps": 100, "eta": 1.0, "eval_batch_size": 1000,
+                  "sampler": "ddim", "num_inference_steps": 150, "eta": 1.0, "eval_batch_size": 1000,
                   "save_images_step": 70, "lr_schedule": "constant", "low_noise_fraction": 0.0}
 
 
