@@ -168,7 +168,8 @@ class NoiseScheduler:
         min(SNR_t, gamma), SNR_t = alpha_bar_t / (1 - alpha_bar_t), written for the network's target:
         the eps error is the x_0 error times SNR_t, the v error times SNR_t + 1. Low-noise steps,
         whose x_0 error is tiny anyway, then stop taking a large share of the gradient."""
-        snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
+        alpha_bar = self.alphas_cumprod[t]
+        snr = alpha_bar / (1 - alpha_bar)
         clipped = snr.clamp(max=gamma)
         if self.prediction == "epsilon":
             return clipped / snr
