@@ -15,6 +15,7 @@ coefficients are broadcast over the trailing dimensions.
 """
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import torch
 import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.adamw import adamw as adamw_update  # the update of torch.optim.AdamW, as a function
 from tqdm.auto import tqdm
 
 import datasets
@@ -382,23 +384,83 @@ def ema_decay_at(step, decay):
     return min(decay, (1 + step) / (10 + step))
 
 
-def training_step(net, scheduler, optimizer, x_start, noise, t, labels=None, precision="fp32", min_snr_gamma=0.0):
-    """One optimizer step of Algorithm 1 on a batch: noise it (eq. 4), regress the target (eq. 14).
-    `net` may be the model itself or its DistributedDataParallel / torch.compile wrapper."""
+def diffusion_loss(net, scheduler, x_start, noise, t, labels=None, precision="fp32", min_snr_gamma=0.0):
+    """The loss of Algorithm 1 on a batch: noise it (eq. 4), regress the target (eq. 14).
+    `net` is anything called as net(x_t, t[, labels]): the model, its DistributedDataParallel or
+    torch.compile wrapper, or the model with other weights (compiled_training_step)."""
     x_t = scheduler.add_noise(x_start, noise, t)                     # forward process, eq. 4
     with torch.autocast(x_start.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         prediction = net(x_t, t) if labels is None else net(x_t, t, labels)
     target = scheduler.training_target(x_start, noise, t)
     if min_snr_gamma:  # per-example squared error, weighted by the timestep
         squared_error = (prediction.float() - target).square().flatten(1).mean(1)
-        loss = (scheduler.min_snr_weight(t, min_snr_gamma) * squared_error).mean()
-    else:
-        loss = F.mse_loss(prediction.float(), target)                # eq. 14, the simple loss
+        return (scheduler.min_snr_weight(t, min_snr_gamma) * squared_error).mean()
+    return F.mse_loss(prediction.float(), target)                    # eq. 14, the simple loss
+
+
+def training_step(net, scheduler, optimizer, x_start, noise, t, labels=None, precision="fp32", min_snr_gamma=0.0):
+    """One optimizer step: the loss, its gradient, clipping to norm 1, an AdamW update."""
+    loss = diffusion_loss(net, scheduler, x_start, noise, t, labels, precision, min_snr_gamma)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()                                                  # DDP averages gradients here
     nn.utils.clip_grad_norm_(net.parameters(), 1.0, foreach=True)
     optimizer.step()
     return loss.detach()
+
+
+def compiled_training_step(model, scheduler, optimizer, precision="fp32", min_snr_gamma=0.0, fallback=None, log=print):
+    """training_step as one torch.compile'd function: step(x_start, noise, t, labels=None) -> loss.
+
+    The 2D MLP's step on a CPU is mostly the overhead of ~100 small ops and of the autograd engine.
+    Here torch.func takes the gradient while the graph is traced, so forward, backward, clipping
+    and AdamW (torch's own update, on the optimizer's own state) compile into a few fused loops
+    around the matrix products: x2-2.5 steps/s (README, "Speed") for a compile of ~5-15 s.
+    Single process only: DistributedDataParallel averages gradients inside loss.backward().
+    If compiling fails at the first call, `fallback` (the same step, eager) takes over."""
+    names = [name for name, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    for p in params:  # AdamW's state, made now rather than at the first optimizer.step()
+        if not optimizer.state[p]:  # (a resumed run has it from the checkpoint)
+            optimizer.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                      exp_avg_sq=torch.zeros_like(p))
+    group = optimizer.param_groups[0]
+    states = [optimizer.state[p] for p in params]
+
+    def step(x_start, noise, t, labels, lr):
+        def loss_of(weights):
+            def net(*inputs):
+                return torch.func.functional_call(model, dict(zip(names, weights)), inputs)
+            return diffusion_loss(net, scheduler, x_start, noise, t, labels, precision, min_snr_gamma)
+
+        weights = [p.detach() for p in params]  # the same storage: AdamW below updates the model
+        grads, loss = torch.func.grad_and_value(loss_of)(weights)
+        # clip_grad_norm_(max_norm=1): scale every gradient by min(1, 1 / total norm)
+        total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        grads = [g * (1.0 / (total_norm + 1e-6)).clamp(max=1.0) for g in grads]
+        adamw_update(
+            weights, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+            [s["step"] for s in states], amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
+            lr=lr, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        return loss.detach()
+
+    compiled = torch.compile(step, dynamic=False)  # one graph per batch shape (a short last batch: two)
+    calls = 0
+
+    def optimizer_step(x_start, noise, t, labels=None):
+        nonlocal compiled, calls
+        calls += 1
+        if compiled is not None:
+            try:  # the learning rate goes in as a tensor: a schedule that changes it does not recompile
+                return compiled(x_start, noise, t, labels, torch.tensor(group["lr"]))
+            except Exception as e:  # e.g. no C++ compiler: the first call fails before it changes anything
+                if fallback is None or calls > 1:
+                    raise
+                log(f"note: torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}); "
+                    "training without it")
+                compiled = None
+        return fallback(x_start, noise, t, labels)
+
+    return optimizer_step
 
 
 def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
@@ -432,8 +494,6 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
     net = model  # what the training step calls: the model, or a wrapper that shares its weights
     if distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-    if config.get("compile"):
-        net = torch.compile(net)
     # the order of the examples is the same on every rank; the noise differs from rank to rank
     order_generator = torch.Generator(device).manual_seed(config["seed"])
     noise_generator = (torch.Generator(device).manual_seed(config["seed"] + 1 + rank) if distributed
@@ -510,6 +570,11 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
         sys.exit(130 if signum == signal.SIGINT else 143)
 
     total_steps = num_epochs * steps_per_epoch
+    loss_options = {"precision": config["precision"], "min_snr_gamma": config.get("min_snr_gamma", 0.0)}
+    optimizer_step = functools.partial(training_step, net, scheduler, optimizer, **loss_options)
+    if use_compiled_step(config, device, distributed, total_steps):
+        optimizer_step = compiled_training_step(model, scheduler, optimizer, fallback=optimizer_step, log=log,
+                                                **loss_options)
     progress = tqdm(total=total_steps, initial=step, desc=config["experiment_name"], unit="step", mininterval=0.5,
                     dynamic_ncols=True, disable=config.get("quiet", False) or not main_process)
     with StopRequest() as stop:
@@ -531,8 +596,7 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
                 if config.get("lr_schedule", "constant") != "constant":
                     for group in optimizer.param_groups:
                         group["lr"] = learning_rate_at(step, total_steps, config)
-                losses[step] = training_step(net, scheduler, optimizer, x_start, noise, t, y, config["precision"],
-                                             config.get("min_snr_gamma", 0.0))
+                losses[step] = optimizer_step(x_start, noise, t, y)  # Algorithm 1, in training_step
                 if ema_model is not None:  # ema += (1 - decay) (weights - ema), one fused op
                     torch._foreach_lerp_(ema_params, model_params, 1 - ema_decay_at(step, config["ema_decay"]))
                 step += 1
@@ -587,6 +651,16 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
             "loop_seconds": loop_seconds, "seconds": time.time() - start_time, "frames": len(table),
             "sampling_seconds": frames.seconds["sampling"], "drawing_seconds": frames.seconds["drawing"],
             "parallel_frames": parallel_frames}
+
+
+def use_compiled_step(config, device, distributed, total_steps):
+    """--compile: auto compiles the step of a 2D run on a CPU that is long enough to repay the
+    compile (bench.py: ~2x steps/s for ~5-15 s); on compiles any single-process run."""
+    choice = config.get("compile", "auto")
+    if choice == "auto":
+        return device == "cpu" and not distributed and not datasets.is_image_dataset(config["dataset"]) \
+            and total_steps >= 5000
+    return choice == "on" and not distributed
 
 
 def use_frame_worker(config, device):
@@ -705,7 +779,9 @@ def build_parser():
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="bf16: autocast the network to bfloat16 (training and sampling); auto: bf16 for "
                         "image datasets on hardware with native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32")
-    p.add_argument("--compile", action="store_true", help="wrap the model with torch.compile")
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="compile the training step with torch.compile (auto: 2D runs of 5,000+ steps on a CPU; "
+                        "single process only)")
     p.add_argument("--frame_worker", default="auto", choices=("auto", "on", "off"),
                    help="make frames in a second process while training (auto: 2D runs on a multi-core CPU)")
     images = p.add_argument_group("images (--dataset mnist / fashion_mnist)")

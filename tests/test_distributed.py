@@ -1,5 +1,6 @@
 """torchrun / DistributedDataParallel on CPU (gloo), and the --precision and --compile switches."""
 import copy
+import functools
 import os
 import shutil
 import socket
@@ -86,12 +87,43 @@ def test_bf16_precision_run(tmp_path):
 
 @pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
                     reason="torch.compile on CPU needs a C compiler")
-def test_compile_run(tmp_path):
-    result = train(tmp_path, "compiled", *TINY, "--compile", "--hidden_size", "16", "--hidden_layers", "1",
-                   timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    config, loss, frames = outputs(tmp_path / "compiled")
+def test_compiled_step_trains_like_the_eager_one(tmp_path):
+    # 240 examples at batch 32: a short last batch (16) too, which compiles a second graph
+    flags = [*TINY, "--dataset_size", "240", "--min_snr_gamma", "5", "--hidden_size", "32", "--hidden_layers", "1"]
+    for mode in ("on", "off"):
+        result = train(tmp_path, mode, *flags, "--compile", mode, timeout=400)
+        assert result.returncode == 0, result.stderr[-3000:]
+    config, loss_compiled, frames = outputs(tmp_path / "on")
+    _, loss_eager, _ = outputs(tmp_path / "off")
     assert "compile" not in config  # how to run, not what was trained
-    assert np.isfinite(loss).all() and frames.shape == (3, 64, 2)
-    model = ddpm.build_model(config)  # no "_orig_mod." prefix leaks into the weights
-    model.load_state_dict(torch.load(tmp_path / "compiled" / "model.pth", weights_only=True))
+    assert loss_compiled.shape == (24,) and frames.shape == (3, 64, 2)
+    # the same losses step by step: the same gradients, clipping, AdamW and learning-rate schedule
+    np.testing.assert_allclose(loss_compiled, loss_eager, rtol=1e-4)
+    weights = {name: torch.load(tmp_path / name / "model.pth", weights_only=True) for name in ("on", "off")}
+    for key, value in weights["off"].items():
+        torch.testing.assert_close(weights["on"][key], value, rtol=1e-4, atol=1e-5)
+    model = ddpm.build_model(config)  # plain weights: no "_orig_mod." prefix
+    model.load_state_dict(weights["on"])
+
+
+def test_compiled_step_falls_back_when_compiling_fails(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler found\nsecond line")
+        return fail
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    torch.manual_seed(0)
+    model = ddpm.MLP(hidden_size=16, hidden_layers=1, embedding_size=8, num_timesteps=10)
+    reference = copy.deepcopy(model)
+    scheduler = ddpm.NoiseScheduler(10)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, reference)]
+    messages = []
+    fallback = functools.partial(ddpm.training_step, model, scheduler, optimizers[0])
+    step = ddpm.compiled_training_step(model, scheduler, optimizers[0], fallback=fallback, log=messages.append)
+    x, noise, t = torch.randn(8, 2), torch.randn(8, 2), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        step(x, noise, t)
+        ddpm.training_step(reference, scheduler, optimizers[1], x, noise, t)
+    assert len(messages) == 1 and "no C++ compiler found" in messages[0] and "second line" not in messages[0]
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
