@@ -30,7 +30,6 @@ import torch
 import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.adamw import adamw as adamw_update  # the update of torch.optim.AdamW, as a function
 from tqdm.auto import tqdm
 
 import datasets
@@ -424,23 +423,30 @@ def compiled_training_step(model, scheduler, optimizer, precision="fp32", min_sn
             optimizer.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
                                       exp_avg_sq=torch.zeros_like(p))
     group = optimizer.param_groups[0]
-    states = [optimizer.state[p] for p in params]
+    # every tensor goes in as an argument: fewer guards for torch.compile to check at each call
+    weights = [p.detach() for p in params]  # the same storage: AdamW below updates the model
+    state = [[optimizer.state[p][key] for p in params] for key in ("exp_avg", "exp_avg_sq", "step")]
 
-    def step(x_start, noise, t, labels, lr):
+    def step(weights, exp_avgs, exp_avg_sqs, state_steps, x_start, noise, t, labels, lr, step_size,
+             bias_correction2_sqrt):
         def loss_of(weights):
             def net(*inputs):
                 return torch.func.functional_call(model, dict(zip(names, weights)), inputs)
             return diffusion_loss(net, scheduler, x_start, noise, t, labels, precision, min_snr_gamma)
 
-        weights = [p.detach() for p in params]  # the same storage: AdamW below updates the model
         grads, loss = torch.func.grad_and_value(loss_of)(weights)
         # clip_grad_norm_(max_norm=1): scale every gradient by min(1, 1 / total norm)
         total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        grads = [g * (1.0 / (total_norm + 1e-6)).clamp(max=1.0) for g in grads]
-        adamw_update(
-            weights, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-            [s["step"] for s in states], amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
-            lr=lr, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        clip = (1.0 / (total_norm + 1e-6)).clamp(max=1.0)
+        # AdamW (Loshchilov & Hutter 2019, Algorithm 2) as torch.optim.AdamW does it, on its state
+        beta1, beta2 = group["betas"]
+        for w, g, exp_avg, exp_avg_sq, count in zip(weights, grads, exp_avgs, exp_avg_sqs, state_steps):
+            g = g * clip
+            count.add_(1)
+            w.mul_(1 - lr * group["weight_decay"])                    # decoupled weight decay
+            exp_avg.lerp_(g, 1 - beta1)                               # m_t
+            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)    # v_t
+            w.sub_(step_size * exp_avg / (exp_avg_sq.sqrt() / bias_correction2_sqrt + group["eps"]))
         return loss.detach()
 
     compiled = torch.compile(step, dynamic=False)  # one graph per batch shape (a short last batch: two)
@@ -449,9 +455,14 @@ def compiled_training_step(model, scheduler, optimizer, precision="fp32", min_sn
     def optimizer_step(x_start, noise, t, labels=None):
         nonlocal compiled, calls
         calls += 1
+        # this step's learning rate and AdamW bias corrections go in as tensors (a changing number
+        # would recompile), computed here once (inside the graph they are recomputed per element)
+        beta1, beta2 = group["betas"]
+        n = float(state[2][0]) + 1
+        scalars = [torch.tensor(v) for v in (group["lr"], group["lr"] / (1 - beta1**n), math.sqrt(1 - beta2**n))]
         if compiled is not None:
-            try:  # the learning rate goes in as a tensor: a schedule that changes it does not recompile
-                return compiled(x_start, noise, t, labels, torch.tensor(group["lr"]))
+            try:
+                return compiled(weights, *state, x_start, noise, t, labels, *scalars)
             except Exception as e:  # e.g. no C++ compiler: the first call fails before it changes anything
                 if fallback is None or calls > 1:
                     raise
