@@ -539,39 +539,45 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
             for row, frame in zip(state["metrics"], state["frames"]):
                 rows[row["frame"]] = row
                 frames.done[row["frame"]] = (frame, {k: v for k, v in row.items() if k not in METRIC_BASICS})
+            for row, weights in state.get("pending_frames", []):  # not made before the stop: make them now
+                rows[row["frame"]] = row
+                frames.submit(row["frame"], row["epoch"], weights)
             log(f"resuming {exp_dir} at epoch {start_epoch}, step {step}")
         start_time -= state["seconds"]
 
-    def finished_frames():
-        """(frames [n, ...], metric rows) of every frame made so far, after waiting for the worker."""
-        frames.collect(wait=True)
+    def finished_frames(wait=True):
+        """(frames [n, ...], metric rows) of every frame made so far (wait: for the worker too)."""
+        frames.collect(wait=wait)
         done = sorted(frames.done)
         table = [{**{k: v for k, v in rows[i].items() if k != "seconds"}, **frames.done[i][1],
                   "seconds": rows[i]["seconds"]} for i in done]  # score, floor, ... before seconds
         return [frames.done[i][0] for i in done], table
 
-    def save_checkpoint(epoch, batch):
-        """On every rank at the same step (the ranks' noise generators are gathered); rank 0 writes."""
+    def save_checkpoint(epoch, batch, wait=False):
+        """On every rank at the same step (the ranks' noise generators are gathered); rank 0 writes.
+        Frames the worker has not made yet go in as their weights, to be made after a resume:
+        waiting for them here would stall training at every checkpoint."""
         rank_rngs = None
         if distributed:
             rank_rngs = [None] * world_size
             torch.distributed.all_gather_object(rank_rngs, noise_generator.get_state())
         if not main_process:
             return None, None
-        frame_list, table = finished_frames()
+        frame_list, table = finished_frames(wait)
         atomic_save({
             "model": model.state_dict(), "ema": ema_model.state_dict() if ema_model else None,
             "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch, "step": step,
             "perm": perm.cpu() if perm is not None else None, "losses": losses[:step].cpu(),
             "frames": torch.stack(frame_list) if frame_list else torch.zeros(0), "metrics": table,
+            "pending_frames": [(rows[i], weights) for i, weights in frames.unfinished()],
             "train_rng": order_generator.get_state(), "rank_rngs": rank_rngs,
             "seconds": time.time() - start_time,
         }, os.path.join(exp_dir, "checkpoint.pt"))
-        return frame_list, table
 
     def stop_here(epoch, batch, signum):
-        frame_list, table = save_checkpoint(epoch, batch)
+        save_checkpoint(epoch, batch)
         if main_process:
+            frame_list, table = finished_frames()
             frames.close()
             write_outputs(exp_dir, config, model, ema_model, losses[:step], frame_list, table)
             progress.close()
@@ -640,14 +646,14 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
                 frame_index = len(rows)
                 rows[frame_index] = {"frame": frame_index, "epoch": epoch, "step": step, "loss": epoch_loss,
                                      "seconds": time.time() - start_time}
-                frames.submit(frame_index, epoch, ema_model if ema_model is not None else model)
+                frames.submit(frame_index, epoch, (ema_model if ema_model is not None else model).state_dict())
                 frames.collect()
                 if frames.done:
                     latest = frames.done[max(frames.done)][1]
                     progress.set_postfix(loss=f"{epoch_loss:.3f}", score=f"{latest['score']:.4f}",
                                          floor=f"{latest['floor']:.4f}", refresh=False)
             if (epoch + 1) % config["checkpoint_every"] == 0 or last_epoch:
-                save_checkpoint(epoch + 1, 0)
+                save_checkpoint(epoch + 1, 0, wait=last_epoch)
             if distributed and distributed_stop:
                 stop_here(epoch + 1, 0, distributed_stop)
     progress.close()

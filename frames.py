@@ -83,6 +83,7 @@ class Frames:
 
     def __init__(self, config, exp_dir, device, parallel):
         self.done, self.pending = {}, []
+        self.weights = {}  # frame index -> the weights of a frame not made yet
         self.seconds = {"sampling": 0.0, "drawing": 0.0}  # spent making frames, in whichever process
         if parallel:
             self.pool = concurrent.futures.ProcessPoolExecutor(
@@ -91,8 +92,10 @@ class Frames:
         else:
             self.pool, self.maker = None, FrameMaker(config, exp_dir, device)
 
-    def submit(self, frame_index, epoch, model):
-        state_dict = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    def submit(self, frame_index, epoch, weights):
+        """Make a frame from `weights` (a state dict), copied at once: training goes on changing them."""
+        state_dict = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
+        self.weights[frame_index] = state_dict
         if self.pool is None:
             self._store(self.maker(frame_index, epoch, state_dict))
         else:
@@ -108,9 +111,14 @@ class Frames:
                 still.append(future)
         self.pending = still
 
+    def unfinished(self):
+        """[(frame index, weights)] of the frames submitted but not made yet."""
+        return sorted(self.weights.items())
+
     def _store(self, result):
         frame_index, x, score, seconds = result
         self.done[frame_index] = (x, score)
+        del self.weights[frame_index]
         for key, value in seconds.items():
             self.seconds[key] += value
 
