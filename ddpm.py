@@ -85,7 +85,7 @@ class NoiseScheduler:
             beta_end = default_end if beta_end is None else beta_end
         self.num_timesteps = num_timesteps
         self.prediction = prediction
-        self.clip_sample = clip_sample  # clamp predicted x0 to [-c, c] when sampling (images)
+        self.clip_sample = clip_sample  # clamp predicted x0 to [-c, c] when sampling
 
         # computed in float64, stored in float32
         betas = make_betas(beta_schedule, num_timesteps, beta_start, beta_end)
@@ -109,9 +109,10 @@ class NoiseScheduler:
 
     @classmethod
     def from_config(cls, config, device="cpu"):
+        # configs from before --clip_sample: images clipped at 1, 2D points not at all
+        clip = config.get("clip_sample", 1.0 if datasets.is_image_dataset(config["dataset"]) else 0.0)
         return cls(config["num_timesteps"], config["beta_schedule"], config.get("beta_start"),
-                   config.get("beta_end"), config.get("prediction", "epsilon"),
-                   1.0 if datasets.is_image_dataset(config["dataset"]) else None, device)
+                   config.get("beta_end"), config.get("prediction", "epsilon"), clip or None, device)
 
     @staticmethod
     def _at(coefficients, t, x):
@@ -755,7 +756,7 @@ def build_parser():
                    help="training points (2D) or the number of images to use")
     p.add_argument("--train_batch_size", type=positive_int, default=128, help="examples per optimizer step")
     p.add_argument("--eval_batch_size", type=positive_int, default=1000, help="samples drawn per frame")
-    p.add_argument("--num_epochs", type=positive_int, default=200, help="passes over the training data")
+    p.add_argument("--num_epochs", type=positive_int, default=250, help="passes over the training data")
     p.add_argument("--learning_rate", type=positive_float, default=2e-3, help="AdamW learning rate")
     p.add_argument("--lr_schedule", default="cosine", choices=("constant", "cosine"),
                    help="cosine: decay the learning rate to 0 over the run")
@@ -778,15 +779,18 @@ def build_parser():
     p.add_argument("--input_embedding", default="fourier",
                    choices=("sinusoidal", "learnable", "linear", "identity", "fourier"),
                    help="how the MLP sees x and y (fourier: sinusoidal features of the point along random directions)")
-    p.add_argument("--input_scale", type=positive_float, default=100.0,
+    p.add_argument("--input_scale", type=positive_float, default=200.0,
                    help="largest frequency of the fourier / sinusoidal input features (they go down to it / 10000)")
     p.add_argument("--ema_decay", type=ema_range, default=0.995,
                    help="EMA of the weights for frames and sampling; 0 turns it off")
+    p.add_argument("--clip_sample", type=_number(float, 0, True, what="a number >= 0"), default=5.0,
+                   help="clamp the predicted x_0 to [-c, c] when sampling, as DDPM does for images (every 2D "
+                        "dataset here lies within |x|, |y| <= 4.7); 0: no clamp")
     p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="sampler for the frames")
     p.add_argument("--num_inference_steps", type=positive_int, default=None,
                    help="steps of the ddim sampler (default: all T)")
     p.add_argument("--eta", type=eta_range, default=0.0, help="DDIM's eta: 0 deterministic, 1 like DDPM")
-    p.add_argument("--save_images_step", type=positive_int, default=8, help="sample a frame every N epochs")
+    p.add_argument("--save_images_step", type=positive_int, default=10, help="sample a frame every N epochs")
     p.add_argument("--checkpoint_every", type=positive_int, default=10, help="write checkpoint.pt every N epochs")
     p.add_argument("--seed", type=int, default=0, help="same seed, same machine: same outputs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, then mps, then cpu")
@@ -820,7 +824,7 @@ def build_parser():
 
 # Defaults measured for 28x28 images on a 2-core CPU (README, "Images"), used for the flags a
 # command line does not give when --dataset is an image dataset; 2D keeps the defaults above.
-IMAGE_DEFAULTS = {"dataset_size": 60000, "num_timesteps": 1000, "beta_schedule": "cosine",
+IMAGE_DEFAULTS = {"dataset_size": 60000, "num_timesteps": 1000, "beta_schedule": "cosine", "clip_sample": 1.0,
                   "prediction": "v", "min_snr_gamma": 5.0,
                   "train_batch_size": 64, "learning_rate": 1e-3, "ema_decay": 0.999, "num_epochs": 70,
                   "sampler": "ddim", "num_inference_steps": 150, "eta": 1.0, "eval_batch_size": 1000,

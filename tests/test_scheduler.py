@@ -85,6 +85,30 @@ def test_reconstruct_and_prediction_targets_invert_add_noise(prediction):
     torch.testing.assert_close(eps_hat, eps, rtol=1e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("prediction", ddpm.PREDICTIONS)
+def test_clip_sample_bounds_x0_and_keeps_eps_consistent_with_x_t(prediction):
+    # a network output far off at high noise implies an x0 far outside the data: with clip_sample c
+    # the x0 used by the samplers is clamp(x0, -c, c), and eps is the one that, with it, gives back x_t
+    s = NoiseScheduler(200, prediction=prediction, clip_sample=5.0)
+    free = NoiseScheduler(200, prediction=prediction)
+    x_t, output = torch.randn(500, 2), 30 * torch.randn(500, 2)
+    t = torch.randint(150, 200, (500,))
+    x0_free, _ = free.predict_x0_and_eps(output, x_t, t)
+    x0, eps = s.predict_x0_and_eps(output, x_t, t)
+    assert x0_free.abs().max() > 50  # the unclipped prediction does fly off
+    torch.testing.assert_close(x0, x0_free.clamp(-5, 5))
+    torch.testing.assert_close(s.add_noise(x0, eps, t), x_t, rtol=1e-4, atol=1e-4)  # eq. 4 holds
+
+
+def test_clip_sample_from_the_config():
+    config = vars(ddpm.build_parser().parse_args([]))
+    assert NoiseScheduler.from_config(config).clip_sample == 5.0
+    config["clip_sample"] = 0.0
+    assert NoiseScheduler.from_config(config).clip_sample is None
+    del config["clip_sample"]  # an experiment written before the flag: no clamp for 2D, as it was trained
+    assert NoiseScheduler.from_config(config).clip_sample is None
+
+
 def test_ddim_with_eta_1_is_the_ddpm_step():
     s = NoiseScheduler(50, "linear")
     xt, out, z = torch.randn(100, 2), torch.randn(100, 2), torch.randn(100, 2)
