@@ -64,7 +64,7 @@ def default_config():
 
 
 # what a run behaved like before a flag existed: its config.json lacks the flag
-BEFORE_FLAG = {"lr_schedule": "constant", "low_noise_fraction": 0.0, "min_snr_gamma": 0.0}
+BEFORE_FLAG = {"lr_schedule": "constant", "low_noise_fraction": 0.0, "min_snr_gamma": 0.0, "clip_sample": 0.0}
 
 # flags newer than the classic, pinned to its behaviour when this ddpm.py has them
 CLASSIC.update({k: v for k, v in {"input_scale": 25.0, "precision": "fp32", **BEFORE_FLAG}.items()
