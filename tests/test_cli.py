@@ -88,7 +88,7 @@ BAD_FLAGS = [
     ["--beta_start", "0.1", "--beta_end", "0.01"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"],
     ["--prediction", "score"], ["--sampler", "euler"], ["--eta", "-1"], ["--num_inference_steps", "0"],
     ["--num_inference_steps", "100"], ["--sampler", "ddpm", "--num_inference_steps", "10"],
-    ["--resume", "--overwrite"], ["--no_such_flag"],
+    ["--resume", "--overwrite"], ["--no_such_flag"], ["--dataset", "mnist", "--compile", "on"],
 ]
 
 
