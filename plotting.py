@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402  (matplotlib's own dependency)
 
 LIMIT = 6  # 2D frames show [-6, 6]^2, like the classic
 
@@ -41,8 +42,10 @@ class FrameDrawer:
             self.ax.set_xlim(-LIMIT, LIMIT)
             self.ax.set_ylim(-LIMIT, LIMIT)
             self.ax.set_aspect("equal")
-        self.title = self.ax.set_title("")
+        self.title = self.ax.set_title("epoch 0")  # tight_layout leaves room for a title
         self.fig.tight_layout()
+        self.title.set_text("")
+        self.background = None  # 2D: the rendered axes without points or title
 
     def draw(self, frame, path, title=""):
         if self.is_image:
@@ -51,10 +54,26 @@ class FrameDrawer:
             self.artist.set_extent((0, grid.shape[1], grid.shape[0], 0))
             self.ax.set_xlim(0, grid.shape[1])
             self.ax.set_ylim(grid.shape[0], 0)
-        else:
-            self.artist.set_offsets(frame)
+            self.title.set_text(title)
+            self.fig.savefig(path, pil_kwargs={"compress_level": 1})  # fast PNG: 2x quicker, files ~2x larger
+            return
+        # Points: the axes, ticks and labels are the same in every frame, and laying out their
+        # text was most of a full draw. Render them once, then per frame paste that background
+        # and draw only the points and the title on it: ~4x quicker than savefig.
+        canvas = self.fig.canvas
+        if self.background is None:
+            self.artist.set_visible(False)
+            self.title.set_visible(False)
+            canvas.draw()
+            self.background = canvas.copy_from_bbox(self.fig.bbox)
+            self.artist.set_visible(True)
+            self.title.set_visible(True)
+        canvas.restore_region(self.background)
+        self.artist.set_offsets(frame)
         self.title.set_text(title)
-        self.fig.savefig(path, pil_kwargs={"compress_level": 1})  # fast PNG: 2x quicker, files ~2x larger
+        self.ax.draw_artist(self.artist)
+        self.ax.draw_artist(self.title)
+        PIL.Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).save(path, compress_level=1)
 
     def close(self):
         plt.close(self.fig)

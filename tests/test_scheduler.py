@@ -241,3 +241,21 @@ def test_min_snr_weight_is_min_snr_gamma_times_the_x0_error(prediction):
     np.testing.assert_allclose(weighted.numpy(), expected.numpy(), rtol=2e-3)
     if prediction == "epsilon":  # gamma above every SNR: the simple loss of eq. 14
         torch.testing.assert_close(s.min_snr_weight(t, 1e12), torch.ones(64))
+
+
+@pytest.mark.parametrize("input_embedding", ["sinusoidal", "fourier"])
+def test_mlp_with_a_shared_timestep_equals_the_concatenated_first_layer(input_embedding):
+    # sampling passes t as [1]: the MLP splits its first layer W [point; time] + b into
+    # W_point point + (W_time time + b); it must be the same function as t given per point
+    torch.manual_seed(0)
+    model = ddpm.MLP(input_embedding=input_embedding, input_scale=25.0)
+    x = torch.randn(64, 2)
+    for t in (0, 17, 49):
+        shared = model(x, torch.tensor([t]))
+        first = model.joint_mlp[0]
+        features = torch.cat([model.point_features(x), model.time_embedding(torch.full((64,), t))], dim=1)
+        by_hand = model.joint_mlp[1:](features @ first.weight.T + first.bias)
+        assert shared.shape == (64, 2)
+        assert torch.allclose(shared, by_hand, atol=1e-5)
+        assert torch.allclose(model(x, torch.full((64,), t)), by_hand, atol=1e-5)
+    assert not torch.allclose(model(x, torch.tensor([0])), model(x, torch.tensor([49])), atol=1e-3)

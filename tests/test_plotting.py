@@ -1,0 +1,30 @@
+import numpy as np
+import PIL.Image
+
+import datasets
+import plotting
+
+
+def read_rgb(path):
+    return np.asarray(PIL.Image.open(path).convert("RGB"), dtype=np.float64)
+
+
+def test_fast_2d_frame_equals_a_full_draw(tmp_path):
+    """Frames of points are pasted on a cached background; the PNG must match a full savefig of
+    the same points and title, with nothing left over from the frame drawn before."""
+    points = datasets.get_dataset("dino", 1000).numpy()
+    drawer = plotting.FrameDrawer()
+    drawer.draw(points * 0.5 + 1, str(tmp_path / "before.png"), "epoch 1")
+    drawer.draw(points, str(tmp_path / "fast.png"), "epoch 250")
+
+    full = plotting.FrameDrawer()
+    full.artist.set_offsets(points)
+    full.title.set_text("epoch 250")
+    full.fig.savefig(tmp_path / "full.png")
+
+    fast, reference = read_rgb(tmp_path / "fast.png"), read_rgb(tmp_path / "full.png")
+    before = read_rgb(tmp_path / "before.png")
+    assert fast.shape == reference.shape
+    differs = np.abs(fast - reference).max(axis=-1) > 0
+    assert differs.mean() < 1e-3  # a few anti-aliased pixels where points overlap the spines
+    assert (np.abs(before - reference).max(axis=-1) > 0).mean() > 0.01  # the check can tell frames apart
