@@ -26,8 +26,9 @@ def test_existing_experiment_is_not_clobbered(tmp_path):
 
 def test_sigint_then_resume_matches_an_uninterrupted_run(tmp_path):
     # frames in the worker process, one per epoch: a checkpoint is likely to hold frames not made yet
-    # (kept as their weights, made after the resume)
-    run = [*RUN, "--frame_worker", "on", "--save_images_step", "1"]
+    # (kept as their weights, made after the resume). 30 epochs: the SIGINT comes ~0.3 s after the
+    # first checkpoint (epoch 3), long before the run could finish
+    run = [*RUN, "--frame_worker", "on", "--save_images_step", "1", "--num_epochs", "30"]
     assert train(tmp_path, "whole", *run).returncode == 0
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, os.path.join(ROOT, "ddpm.py"), "--out_dir", str(tmp_path), "--experiment_name", "cut", *run]
