@@ -463,10 +463,12 @@ def compiled_training_step(model, scheduler, optimizer, precision="fp32", min_sn
             w.sub_(step_size * exp_avg / (exp_avg_sq.sqrt() / bias_correction2_sqrt + group["eps"]))
         return loss.detach()
 
-    # one graph per batch shape (a short last batch: two). cpp_wrapper: the code that calls the kernels
-    # is C++ rather than Python, ~8% more steps/s at batch 32 (bench medians of 7 runs each: 1,767 vs
-    # 1,633), no change at batch 128; a first compile takes ~20 s either way, ~4 s from the cache.
-    compiled = torch.compile(step, dynamic=False, options={"cpp_wrapper": True})
+    # one graph per batch shape (a short last batch: two). cpp_wrapper (on a CPU, where it was measured):
+    # the code that calls the kernels is C++ rather than Python, ~8% more steps/s at batch 32 (medians
+    # of 7 runs each of a 3,000-step loop: 1,767 vs 1,633), no change at batch 128; a first compile
+    # takes ~20 s either way, ~4 s from the cache.
+    on_cpu = params[0].device.type == "cpu"
+    compiled = torch.compile(step, dynamic=False, options={"cpp_wrapper": True} if on_cpu else None)
     calls = 0
 
     def optimizer_step(x_start, noise, t, labels=None):
