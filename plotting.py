@@ -51,13 +51,13 @@ class FrameDrawer:
             self.background = self.fig.canvas.copy_from_bbox(self.fig.bbox)
 
     def draw(self, frame, path, title=""):
+        self.title.set_text(title)
         if self.is_image:
             grid = image_grid(frame[:self.max_images].reshape(-1, *frame.shape[-2:]))
             self.artist.set_data(grid)
             self.artist.set_extent((0, grid.shape[1], grid.shape[0], 0))
             self.ax.set_xlim(0, grid.shape[1])
             self.ax.set_ylim(grid.shape[0], 0)
-            self.title.set_text(title)
             self.fig.savefig(path, pil_kwargs={"compress_level": 1})  # fast PNG: 2x quicker, files ~2x larger
             return
         # Points: laying out the tick labels was most of a full savefig. Paste the background
@@ -65,7 +65,6 @@ class FrameDrawer:
         canvas = self.fig.canvas
         canvas.restore_region(self.background)
         self.artist.set_offsets(frame)
-        self.title.set_text(title)
         self.ax.draw_artist(self.artist)
         self.ax.draw_artist(self.title)
         PIL.Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).save(path, compress_level=1)
