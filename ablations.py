@@ -23,10 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+import cli
 import datasets
+import ddp
 import ddpm
+import experiment
 import figures
 import metrics
+from sample import load_experiment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,11 +60,23 @@ OURS = "ours (default)"
 # What to run
 # ---------------------------------------------------------------------------------------
 
+def command(name, flags, out_dir, mode=None):
+    """The ddpm.py command line of one run; mode is None, "resume" or "overwrite"."""
+    argv = [sys.executable, os.path.join(HERE, "ddpm.py"), "--experiment_name", name, "--out_dir", out_dir]
+    return argv + cli.as_argv(flags) + ["--quiet"] + ([f"--{mode}"] if mode else [])
+
+
+def resolved(flags):
+    """Every setting of the run: its flags plus ddpm.py's defaults for the rest, as config.json has them."""
+    config = vars(ddpm.build_parser().parse_args(command("x", flags, "x")[2:]))
+    config["precision"] = ddp.resolve_precision(config["precision"], datasets.is_image_dataset(config["dataset"]),
+                                                ddp.pick_device("auto"))
+    return {k: v for k, v in config.items() if k not in experiment.RUN_FLAGS + ("experiment_name", "out_dir")}
+
+
 def default_config():
     """ddpm.py's defaults as its parser has them now (what `python ddpm.py` trains)."""
-    config = vars(ddpm.build_parser().parse_args([]))
-    config["precision"] = ddpm.resolve_precision(config["precision"], config["dataset"], ddpm.pick_device("auto"))
-    return {k: v for k, v in config.items() if k not in ddpm.RUN_FLAGS + ("experiment_name", "out_dir")}
+    return resolved({})
 
 
 # what a run behaved like before a flag existed: its config.json lacks the flag
@@ -91,24 +107,6 @@ def study_runs(study, overrides=None):
     for _, _, flags in runs:
         flags["save_images_step"] = frame_step(resolved(flags)["num_epochs"])
     return runs
-
-
-def command(name, flags, out_dir, mode=None):
-    """The ddpm.py command line of one run; mode is None, "resume" or "overwrite"."""
-    argv = [sys.executable, os.path.join(HERE, "ddpm.py"), "--experiment_name", name, "--out_dir", out_dir]
-    for key, value in flags.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not None and value is not False:  # None: ddpm.py's default (e.g. scaled betas)
-            argv += [f"--{key}", str(value)]
-    return argv + ["--quiet"] + ([f"--{mode}"] if mode else [])
-
-
-def resolved(flags):
-    """Every setting of the run: its flags plus ddpm.py's defaults for the rest, as config.json has them."""
-    config = vars(ddpm.build_parser().parse_args(command("x", flags, "x")[2:]))
-    config["precision"] = ddpm.resolve_precision(config["precision"], config["dataset"], ddpm.pick_device("auto"))
-    return {k: v for k, v in config.items() if k not in ddpm.RUN_FLAGS + ("experiment_name", "out_dir")}
 
 
 def run_state(exp_dir, flags):
@@ -322,19 +320,10 @@ def write_tables(studies, overrides, out_dir, path):
 # The forward / reverse pictures and the animation
 # ---------------------------------------------------------------------------------------
 
-def load_model(exp_dir):
-    with open(os.path.join(exp_dir, "config.json")) as f:
-        config = json.load(f)
-    model = ddpm.build_model(config)
-    weights = os.path.join(exp_dir, "model_ema.pth" if config.get("ema_decay", 0) > 0 else "model.pth")
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return config, model.eval()
-
-
 def reverse_trajectory(exp_dir, n=1000, seed=0):
-    config, model = load_model(exp_dir)
+    model, scheduler, config = load_experiment(exp_dir)  # EMA weights where the run kept them
     generator = torch.Generator().manual_seed(seed)
-    return ddpm.sample(model, ddpm.build_scheduler(config), (n, 2), sampler=config["sampler"],
+    return ddpm.sample(model, scheduler, (n, 2), sampler=config["sampler"],
                        num_inference_steps=config.get("num_inference_steps"), eta=config.get("eta", 0.0),
                        generator=generator, trajectory=True).numpy()
 
@@ -363,12 +352,12 @@ def draw_pictures(out_dir, static_dir):
 
 def build_parser():
     listing = "\n".join(f"  {s:<18} --{flag}: {', '.join(map(str, values))}" for s, (flag, values) in STUDIES.items())
-    p = ddpm.ArgumentParser(description="Run the ablation studies of tiny-diffusion and draw their grids.",
+    p = cli.ArgumentParser(description="Run the ablation studies of tiny-diffusion and draw their grids.",
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog=f"studies (each also gets a row '{OURS}'):\n{listing}\n  all                "
                                    "every study, forward.png, reverse.png, animation.gif, ablations.md")
     p.add_argument("study", help="a study name (below) or 'all'")
-    p.add_argument("--jobs", type=ddpm.positive_int, default=os.cpu_count() or 1, help="trainings at once")
+    p.add_argument("--jobs", type=cli.positive_int, default=os.cpu_count() or 1, help="trainings at once")
     p.add_argument("--force", action="store_true", help="retrain runs whose outputs exist")
     p.add_argument("--out_dir", default=None, help="where the runs go (default: exps/ablations)")
     p.add_argument("--static_dir", default=None, help="where the figures go (default: static)")

@@ -28,16 +28,16 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+import ablations  # noqa: E402
+import cli  # noqa: E402
+import compiled_step  # noqa: E402
 import datasets  # noqa: E402
 import ddpm  # noqa: E402
 import plotting  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# the classic tiny-diffusion configuration: 50,000 steps at batch 32, 200 frames of 1,000 points x 50 steps
-CLASSIC = ["--train_batch_size", "32", "--num_epochs", "200", "--learning_rate", "1e-3", "--num_timesteps", "50",
-           "--beta_schedule", "linear", "--beta_start", "1e-4", "--beta_end", "0.02", "--ema_decay", "0",
-           "--input_embedding", "sinusoidal", "--input_scale", "25", "--lr_schedule", "constant",
-           "--low_noise_fraction", "0", "--save_images_step", "1"]
+# the classic tiny-diffusion's workload: 50,000 steps at batch 32, 200 frames of 1,000 points x 50 steps
+CLASSIC = cli.as_argv({**ablations.CLASSIC, "save_images_step": 1})
 
 
 def default_config(**overrides):
@@ -56,7 +56,9 @@ def steps_per_second_ours(batch_size, steps, threads=1, compiled=True):
     model, scheduler = ddpm.build_model(config), ddpm.build_scheduler(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     if compiled:
-        optimizer_step = ddpm.compiled_training_step(model, scheduler, optimizer)
+        def loss(net, x_start, noise, t, labels):
+            return ddpm.diffusion_loss(net, scheduler, x_start, noise, t, labels)
+        optimizer_step = compiled_step.compiled_training_step(model, loss, optimizer)
     else:
         optimizer_step = functools.partial(ddpm.training_step, model, scheduler, optimizer)
     data = datasets.get_dataset("dino", 8000)
@@ -170,8 +172,7 @@ def run_end_to_end(name, flags, out_dir):
 
 
 def unet_images_per_second(quick, precision="fp32"):
-    config = vars(ddpm.build_parser().parse_args(["--dataset", "mnist"]))
-    config = ddpm.apply_image_defaults(config, None, ["--dataset", "mnist"])
+    config = ddpm.apply_image_defaults(vars(ddpm.build_parser().parse_args(["--dataset", "mnist"])), {"dataset"})
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     model, scheduler = ddpm.build_model(config), ddpm.build_scheduler(config)
@@ -194,7 +195,7 @@ def unet_images_per_second(quick, precision="fp32"):
 
 
 def main():
-    parser = ddpm.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts (a smoke test, not a measurement)")
     parser.add_argument("--output", default="bench.json")
     parser.add_argument("--skip_end_to_end", action="store_true", help="leave out the two full runs")
@@ -228,7 +229,8 @@ def main():
             results["default_run"] = run_end_to_end("default", [] if not args.quick else ["--num_epochs", "10"],
                                                     out_dir)
             print("running the classic workload end to end ...", flush=True)
-            classic = CLASSIC if not args.quick else CLASSIC[:2] + ["--num_epochs", "10"] + CLASSIC[4:]
+            classic = CLASSIC if not args.quick else cli.as_argv({**ablations.CLASSIC, "save_images_step": 1,
+                                                                   "num_epochs": 10})
             results["classic_run"] = run_end_to_end("classic", classic, out_dir)
     if datasets.is_image_dataset("mnist"):
         print("measuring the MNIST U-Net ...", flush=True)

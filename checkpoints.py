@@ -1,12 +1,17 @@
-"""Writing outputs atomically and loading checkpoints safely.
+"""Writing outputs atomically, loading checkpoints safely, and the checkpoint of a training run.
 
 Every file is written to a temporary name in the same folder and renamed into place, so a
 crash or Ctrl-C never leaves a half-written file, and the previous version survives until
 the new one is complete. Every load uses torch.load(weights_only=True): a checkpoint from
 elsewhere can hold tensors and plain containers, never code.
+
+checkpoint.pt holds everything --resume needs to continue a run exactly where it stopped: the
+weights, the EMA and AdamW state, the position in the epoch's order, the random generators, the
+losses and the frames so far (those not made yet as their weights).
 """
 import io
 import os
+import signal
 import tempfile
 
 import numpy as np
@@ -101,3 +106,69 @@ def load_checkpoint(path, model, ema_model=None, optimizer=None):
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{path}: optimizer state does not match the model ({e})")
     return state
+
+
+class Checkpointer:
+    """Writes and restores checkpoint.pt of one training run (every rank calls save together)."""
+
+    def __init__(self, path, model, ema_model, optimizer, losses, order_generator, noise_generator,
+                 frames, processes):
+        self.path, self.model, self.ema_model, self.optimizer = path, model, ema_model, optimizer
+        self.losses, self.order_generator, self.noise_generator = losses, order_generator, noise_generator
+        self.frames, self.processes = frames, processes
+
+    def save(self, epoch, batch, step, perm, seconds, wait=False):
+        """The state after `step` optimizer steps, `batch` batches into `epoch`. Frames the worker has
+        not made yet go in as their weights (wait=True: made first): waiting for them at every
+        checkpoint would stall training."""
+        rank_rngs = self.processes.gather_rng(self.noise_generator)
+        if not self.processes.main:
+            return
+        frame_list, table = self.frames.finished(wait)
+        atomic_save({
+            "model": self.model.state_dict(), "ema": self.ema_model.state_dict() if self.ema_model else None,
+            "optimizer": self.optimizer.state_dict(), "epoch": epoch, "batch": batch, "step": step,
+            "perm": perm.cpu() if perm is not None else None, "losses": self.losses[:step].cpu(),
+            "frames": torch.stack(frame_list) if frame_list else torch.zeros(0), "metrics": table,
+            "pending_frames": self.frames.unfinished(),
+            "train_rng": self.order_generator.get_state(), "rank_rngs": rank_rngs, "seconds": seconds,
+        }, self.path)
+
+    def restore(self):
+        """Load the checkpoint into the run; (epoch, batch, step, perm, seconds) to continue from."""
+        state = load_checkpoint(self.path, self.model, self.ema_model, self.optimizer)
+        step = state["step"]
+        self.losses[:step] = state["losses"][:step].to(self.losses.device)
+        self.order_generator.set_state(state["train_rng"])
+        self.processes.restore_rng(self.noise_generator, state.get("rank_rngs"), os.path.dirname(self.path))
+        if self.frames is not None:
+            self.frames.restore(state)
+        perm = state["perm"].to(self.losses.device) if state["perm"] is not None else None
+        return state["epoch"], state["batch"], step, perm, state["seconds"]
+
+
+class StopRequest:
+    """Turns SIGINT / SIGTERM into a flag the training loop checks after each step, so that a
+    stop lands between two steps and the checkpoint it writes is consistent."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def exit_status(self, signum):
+        return 130 if signum == signal.SIGINT else 143
+
+    def name(self, signum):
+        return "SIGINT" if signum == signal.SIGINT else "SIGTERM"

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import datasets
+import image_data
 from checkpoints import atomic_save, safe_load
 
 
@@ -127,8 +127,8 @@ class ImageScorer:
     """scorer(frame [n, 1, 28, 28]) -> {"score", "floor", "confident", "class_min", "class_max", ...}."""
 
     def __init__(self, config, log=print):
-        train = datasets.load_images(config, "train")
-        test = datasets.load_images(config, "test")
+        train = image_data.load_images(config, "train")
+        test = image_data.load_images(config, "test")
         self.model, self.test_accuracy, self.path = load_or_train(config, train, test, log)
         self.train_images, self.test_images = train[0], test[0]
         self.test_features = predict(self.model, self.test_images)[1]
@@ -158,7 +158,7 @@ class ImageScorer:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Score image samples (.npy [n, (1,) 28, 28] in [-1, 1]).")
     p.add_argument("samples")
-    p.add_argument("--dataset", default="mnist", choices=datasets.IMAGE_DATASETS)
+    p.add_argument("--dataset", default="mnist", choices=image_data.IMAGE_DATASETS)
     p.add_argument("--data_dir", default=None)
     p.add_argument("--out_dir", default="exps", help="where _classifier/ lives")
     p.add_argument("--labels", default=None, help="the requested label (an int) or a .npy of labels")
@@ -172,7 +172,7 @@ def main(argv=None):
     config = {**vars(args), "eval_batch_size": len(samples)}
     try:
         scorer = ImageScorer(config)
-    except datasets.DataError as e:
+    except image_data.DataError as e:
         p.exit(2, f"classifier.py: error: {e}\n")
     result = scorer(samples, labels)
     result["test_accuracy"] = scorer.test_accuracy

@@ -9,33 +9,32 @@ Where things live (equation numbers are those of the DDPM paper, arXiv:2006.1123
   NoiseScheduler.step          one ancestral reverse step                    eq. 11 (Algorithm 2)
   NoiseScheduler.ddim_step     one DDIM step (Song et al. 2021, eq. 12)
   sample()                     the reverse process, for DDPM and DDIM alike
+  train()                      the training loop, Algorithm 1
 
 Every tensor of data may have any shape [B, ...]: the schedule's per-timestep
-coefficients are broadcast over the trailing dimensions.
+coefficients are broadcast over the trailing dimensions. The engineering around the
+core (compiled step, frame worker, torchrun, checkpoints, image data) lives in the small
+modules named where it is called.
 """
 import argparse
 import copy
 import functools
-import json
 import math
-import os
-import shutil
-import signal
 import sys
 import time
 
-import numpy as np
-import pandas as pd
 import torch
-import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import cli
+import compiled_step
 import datasets
-import plotting
+import ddp
+import experiment
+from checkpoints import Checkpointer, CheckpointError, StopRequest
 from frames import Frames
-from checkpoints import CheckpointError, atomic_save, atomic_save_npy, atomic_write_text, load_checkpoint
 from positional_embeddings import RandomDirectionEmbedding, make_embedding
 
 # ---------------------------------------------------------------------------------------
@@ -206,6 +205,15 @@ class NoiseScheduler:
         return torch.linspace(self.num_timesteps - 1, 0, n, dtype=torch.float64).round().long().tolist()
 
 
+def sampling_error(sampler, num_inference_steps, num_timesteps):
+    """Why a sampler can't take these steps, in one line; None if it can."""
+    if num_inference_steps is not None and num_inference_steps > num_timesteps:
+        return f"--num_inference_steps {num_inference_steps} exceeds --num_timesteps {num_timesteps}"
+    if sampler == "ddpm" and num_inference_steps not in (None, num_timesteps):
+        return "the ddpm sampler walks every timestep; use --sampler ddim with --num_inference_steps"
+    return None
+
+
 @torch.no_grad()
 def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None, eta=0.0,
            generator=None, device="cpu", labels=None, guidance_scale=1.0, trajectory=False,
@@ -218,8 +226,9 @@ def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None,
     (classifier-free guidance, Ho & Salimans 2022). trajectory=True returns every x_t too.
     precision "bf16" runs the network in bfloat16 (autocast); the update itself stays in fp32.
     """
-    if sampler == "ddpm" and num_inference_steps not in (None, scheduler.num_timesteps):
-        raise ValueError("the ddpm sampler walks every timestep; use --sampler ddim for fewer steps")
+    error = sampling_error(sampler, num_inference_steps, scheduler.num_timesteps)
+    if error:
+        raise ValueError(error)
     x = torch.randn(shape, generator=generator, device=device)
     steps = [x] if trajectory else None
     timesteps = scheduler.inference_timesteps(num_inference_steps)
@@ -298,8 +307,8 @@ class MLP(nn.Module):
             return self.joint_mlp(torch.cat([point, self.time_embedding(t)], dim=-1))
         # One timestep for the whole batch (every sampling step). The first layer on [point; time]
         # is W_point @ point + (W_time @ time + b): written as that sum, the time half is embedded
-        # and multiplied once, not B times: a frame of 1,000 points takes 1.2-1.5x less CPU. In
-        # training the split form made the compiled step ~40% slower, so training keeps the concat.
+        # and multiplied once, not B times. Training keeps the concatenation, which compiles to a
+        # faster step (docs/speed.md).
         first, P = self.joint_mlp[0], point.shape[1]
         time_term = F.linear(self.time_embedding(t), first.weight[:, P:], first.bias)  # [1, H]
         h = torch.addmm(time_term, point, first.weight[:, :P].T)            # [B, H]
@@ -321,61 +330,14 @@ def build_scheduler(config, device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------
-# Training
+# The loss and one optimizer step
 # ---------------------------------------------------------------------------------------
-
-class StopRequest:
-    """Turns SIGINT / SIGTERM into a flag the training loop checks after each step."""
-
-    def __init__(self):
-        self.signal = None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def pick_device(name, rank=0):
-    """auto: cuda, then mps, then cpu. Under torchrun each rank takes the GPU of its local rank."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        return f"cuda:{os.environ['LOCAL_RANK']}"
-    return name
-
-
-def init_distributed(device):
-    """Join torchrun's process group when WORLD_SIZE > 1: gloo on CPU, nccl on CUDA. (rank, world_size)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device == "cpu":  # share the cores between the ranks
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    return torch.distributed.get_rank(), world_size
-
 
 def sample_timesteps(n, num_timesteps, low_noise_fraction, generator, device="cpu"):
     """Training timesteps [n]: uniform over 0..T-1 as in Algorithm 1, except that a share
     `low_noise_fraction` of them is drawn uniformly from the lowest fifth, ceil(T/5) steps.
     Uniform t spends most of training at high noise; the 2D samples' sharpness is set at the
-    lowest noise levels, where the network must snap a point onto the data (README, "Defaults")."""
+    lowest noise levels, where the network must snap a point onto the data (docs/defaults.md)."""
     t = torch.randint(0, num_timesteps, (n,), generator=generator, device=device)
     if low_noise_fraction > 0:
         low = torch.randint(0, math.ceil(num_timesteps / 5), (n,), generator=generator, device=device)
@@ -383,23 +345,10 @@ def sample_timesteps(n, num_timesteps, low_noise_fraction, generator, device="cp
     return t
 
 
-def learning_rate_at(step, total_steps, config):
-    """--lr_schedule: "constant", or "cosine": from learning_rate down to 0 over the run
-    (Loshchilov & Hutter 2017), so the last steps make small, precise moves."""
-    if config.get("lr_schedule", "constant") == "constant":
-        return config["learning_rate"]
-    return config["learning_rate"] * 0.5 * (1 + math.cos(math.pi * step / total_steps))
-
-
-def ema_decay_at(step, decay):
-    """EMA warm-up: average over roughly the first `step` updates until that exceeds 1/(1-decay)."""
-    return min(decay, (1 + step) / (10 + step))
-
-
 def diffusion_loss(net, scheduler, x_start, noise, t, labels=None, precision="fp32", min_snr_gamma=0.0):
     """The loss of Algorithm 1 on a batch: noise it (eq. 4), regress the target (eq. 14).
     `net` is anything called as net(x_t, t[, labels]): the model, its DistributedDataParallel
-    wrapper, or the model with other weights (compiled_training_step)."""
+    wrapper, or the model with other weights (compiled_step.py)."""
     x_t = scheduler.add_noise(x_start, noise, t)                     # forward process, eq. 4
     with torch.autocast(x_start.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         prediction = net(x_t, t) if labels is None else net(x_t, t, labels)
@@ -420,397 +369,199 @@ def training_step(net, scheduler, optimizer, x_start, noise, t, labels=None, pre
     return loss.detach()
 
 
-def compiled_training_step(model, scheduler, optimizer, precision="fp32", min_snr_gamma=0.0, fallback=None, log=print):
-    """training_step as one torch.compile'd function: step(x_start, noise, t, labels=None) -> loss.
+def learning_rate_at(step, total_steps, config):
+    """--lr_schedule: "constant", or "cosine": from learning_rate down to 0 over the run
+    (Loshchilov & Hutter 2017), so the last steps make small, precise moves."""
+    if config.get("lr_schedule", "constant") == "constant":
+        return config["learning_rate"]
+    return config["learning_rate"] * 0.5 * (1 + math.cos(math.pi * step / total_steps))
 
-    The 2D MLP's step on a CPU is mostly the overhead of ~100 small ops and of the autograd engine.
-    Here torch.func takes the gradient while the graph is traced, so forward, backward, clipping
-    and AdamW (written out as torch.optim.AdamW computes it, on that optimizer's state, so that
-    checkpoints and --resume do not change) compile into a few fused loops around the matrix
-    products: 2.3x the eager step's steps/s (README, "Speed") for a compile of ~4 s (~20 s uncached).
-    Single process only: DistributedDataParallel averages gradients inside loss.backward().
-    If compiling fails at the first call, `fallback` (the same step, eager) takes over."""
-    names = [name for name, _ in model.named_parameters()]
-    params = [p for _, p in model.named_parameters()]
-    for p in params:  # AdamW's state, made now rather than at the first optimizer.step()
-        if not optimizer.state[p]:  # (a resumed run has it from the checkpoint)
-            optimizer.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                                      exp_avg_sq=torch.zeros_like(p))
-    group = optimizer.param_groups[0]
-    # every tensor goes in as an argument: fewer guards for torch.compile to check at each call
-    weights = [p.detach() for p in params]  # the same storage: AdamW below updates the model
-    state = [[optimizer.state[p][key] for p in params] for key in ("exp_avg", "exp_avg_sq", "step")]
 
-    def step(weights, exp_avgs, exp_avg_sqs, state_steps, x_start, noise, t, labels, lr, step_size,
-             bias_correction2_sqrt):
-        def loss_of(weights):
-            def net(*inputs):
-                return torch.func.functional_call(model, dict(zip(names, weights)), inputs)
-            return diffusion_loss(net, scheduler, x_start, noise, t, labels, precision, min_snr_gamma)
+def ema_decay_at(step, decay):
+    """EMA warm-up: average over roughly the first `step` updates until that exceeds 1/(1-decay)."""
+    return min(decay, (1 + step) / (10 + step))
 
-        grads, loss = torch.func.grad_and_value(loss_of)(weights)
-        # clip_grad_norm_(max_norm=1): scale every gradient by min(1, 1 / total norm)
-        total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        clip = (1.0 / (total_norm + 1e-6)).clamp(max=1.0)
-        # AdamW (Loshchilov & Hutter 2019, Algorithm 2) as torch.optim.AdamW does it, on its state
-        beta1, beta2 = group["betas"]
-        for w, g, exp_avg, exp_avg_sq, count in zip(weights, grads, exp_avgs, exp_avg_sqs, state_steps):
-            g = g * clip
-            count.add_(1)
-            w.mul_(1 - lr * group["weight_decay"])                    # decoupled weight decay
-            exp_avg.lerp_(g, 1 - beta1)                               # m_t
-            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)    # v_t
-            w.sub_(step_size * exp_avg / (exp_avg_sq.sqrt() / bias_correction2_sqrt + group["eps"]))
-        return loss.detach()
 
-    # one graph per batch shape (a short last batch: two). cpp_wrapper (on a CPU, where it was measured):
-    # the code that calls the kernels is C++ rather than Python, ~8% more steps/s at batch 32 (medians
-    # of 7 runs each of a 3,000-step loop: 1,767 vs 1,633), no change at batch 128; a first compile
-    # takes ~20 s either way, ~4 s from the cache.
-    on_cpu = params[0].device.type == "cpu"
-    compiled = torch.compile(step, dynamic=False, options={"cpp_wrapper": True} if on_cpu else None)
-    calls = 0
-
-    def optimizer_step(x_start, noise, t, labels=None):
-        nonlocal compiled, calls
-        calls += 1
-        # this step's learning rate and AdamW bias corrections go in as tensors (a changing number
-        # would recompile), computed here once (inside the graph they are recomputed per element)
-        beta1, beta2 = group["betas"]
-        n = float(state[2][0]) + 1
-        scalars = [torch.tensor(v) for v in (group["lr"], group["lr"] / (1 - beta1**n), math.sqrt(1 - beta2**n))]
-        if compiled is not None:
-            try:
-                return compiled(weights, *state, x_start, noise, t, labels, *scalars)
-            except Exception as e:  # e.g. no C++ compiler: the first call fails before it changes anything
-                if fallback is None or calls > 1:
-                    raise
-                log(f"note: torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}); "
-                    "training without it")
-                compiled = None
-        return fallback(x_start, noise, t, labels)
-
-    return optimizer_step
-
+# ---------------------------------------------------------------------------------------
+# Training: Algorithm 1
+# ---------------------------------------------------------------------------------------
 
 def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
-    """Train a diffusion model as `config` says, writing every output to `exp_dir`.
-
-    Returns a dict with the final score, floor and timing. Writes a checkpoint every
-    `checkpoint_every` epochs and on SIGINT/SIGTERM, and resumes from one if `resume`.
-    Under torchrun (world_size > 1) each rank trains on its own shard of every epoch and
-    rank 0 alone makes frames and writes files.
-    """
-    start_time = time.time()
-    device = pick_device(config["device"], rank)
-    distributed = world_size > 1
-    main_process = rank == 0
+    """Train a diffusion model as `config` says, writing every output to `exp_dir`; returns the
+    final score and timings. Under torchrun each rank trains on its own shard of every epoch."""
+    started = time.time()
+    device = ddp.pick_device(config["device"], rank)
+    ranks = ddp.Processes(rank, world_size, device)
+    is_image = datasets.is_image_dataset(config["dataset"])
     torch.manual_seed(config["seed"])  # model initialisation: the same on every rank
-    # denormal floats (|x| < 1e-38) creep into activations and optimizer states as training
-    # goes on and slow x86 CPUs down several times; flushing them to zero changes nothing visible
+    # denormal floats (|x| < 1e-38) creep into activations and optimizer states as training goes
+    # on and slow x86 CPUs down several times; flushing them to zero changes nothing visible
     torch.set_flush_denormal(True)
+    if device == "cpu" and not is_image and not ranks.distributed:
+        torch.set_num_threads(1)  # the MLP's tiny matrices: a second thread spins against the frame worker
 
-    data, labels = datasets.load_training_data(config)  # [N, ...], [N] or None
-    data = data.to(device)
-    labels = labels.to(device) if labels is not None else None
-    scheduler = build_scheduler(config, device)
-    model = build_model(config).to(device)
+    data, labels = datasets.load_training_data(config)                  # [N, ...], [N] or None
+    data, labels = data.to(device), (labels.to(device) if labels is not None else None)
+    scheduler, model = build_scheduler(config, device), build_model(config).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False) if config["ema_decay"] > 0 else None
-    if ema_model is not None:
-        ema_params, model_params = list(ema_model.parameters()), list(model.parameters())
+    ema_pairs = (list(ema_model.parameters()), list(model.parameters())) if ema_model is not None else None
     # fused AdamW: one kernel for all parameters instead of a dozen small ops per tensor
-    fused = device.split(":")[0] in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], fused=fused)
-    net = model  # what the training step calls: the model, or a wrapper that shares its weights
-    if distributed:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-    # the order of the examples is the same on every rank; the noise differs from rank to rank
-    order_generator = torch.Generator(device).manual_seed(config["seed"])
-    noise_generator = (torch.Generator(device).manual_seed(config["seed"] + 1 + rank) if distributed
-                       else order_generator)
-
-    N, B = len(data), config["train_batch_size"]
-    shard_size = N // world_size  # rank r takes positions r, r + W, ... of each epoch's order
-    steps_per_epoch = math.ceil(shard_size / B)
-    num_epochs = config["num_epochs"]
-    T = config["num_timesteps"]
-    losses = torch.zeros(num_epochs * steps_per_epoch, device=device)  # one per optimizer step
-    rows = {}  # frame index -> its row of metrics.csv, without the score until the frame is made
-    start_epoch, start_batch, step, perm = 0, 0, 0, None
-    parallel_frames = main_process and use_frame_worker(config, device)
-    if device == "cpu" and not datasets.is_image_dataset(config["dataset"]) and not distributed:
-        # the MLP's matrices are tiny: a second thread gains little, and it spins against the
-        # frame worker or any other busy process (measured in bench.py)
-        torch.set_num_threads(1)
-    frames = Frames(config, exp_dir, device, parallel=parallel_frames) if main_process else None
-
-    if resume:
-        state = load_checkpoint(os.path.join(exp_dir, "checkpoint.pt"), model, ema_model, optimizer)
-        start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
-        perm = state["perm"].to(device) if state["perm"] is not None else None
-        losses[:step] = state["losses"][:step].to(device)
-        order_generator.set_state(state["train_rng"])
-        if distributed:
-            if len(state.get("rank_rngs") or []) != world_size:
-                raise CheckpointError(f"{exp_dir} was trained with another number of processes")
-            noise_generator.set_state(state["rank_rngs"][rank])
-        if main_process:
-            for row, frame in zip(state["metrics"], state["frames"]):
-                rows[row["frame"]] = row
-                frames.done[row["frame"]] = (frame, {k: v for k, v in row.items() if k not in METRIC_BASICS})
-            for row, weights in state.get("pending_frames", []):  # not made before the stop: make them now
-                rows[row["frame"]] = row
-                frames.submit(row["frame"], row["epoch"], weights)
-            log(f"resuming {exp_dir} at epoch {start_epoch}, step {step}")
-        start_time -= state["seconds"]
-
-    def finished_frames(wait=True):
-        """(frames [n, ...], metric rows) of every frame made so far (wait: for the worker too)."""
-        frames.collect(wait=wait)
-        done = sorted(frames.done)
-        table = [{**{k: v for k, v in rows[i].items() if k != "seconds"}, **frames.done[i][1],
-                  "seconds": rows[i]["seconds"]} for i in done]  # score, floor, ... before seconds
-        return [frames.done[i][0] for i in done], table
-
-    def save_checkpoint(epoch, batch, wait=False):
-        """On every rank at the same step (the ranks' noise generators are gathered); rank 0 writes.
-        Frames the worker has not made yet go in as their weights, to be made after a resume:
-        waiting for them here would stall training at every checkpoint."""
-        rank_rngs = None
-        if distributed:
-            rank_rngs = [None] * world_size
-            torch.distributed.all_gather_object(rank_rngs, noise_generator.get_state())
-        if not main_process:
-            return
-        frame_list, table = finished_frames(wait)
-        atomic_save({
-            "model": model.state_dict(), "ema": ema_model.state_dict() if ema_model else None,
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch, "step": step,
-            "perm": perm.cpu() if perm is not None else None, "losses": losses[:step].cpu(),
-            "frames": torch.stack(frame_list) if frame_list else torch.zeros(0), "metrics": table,
-            "pending_frames": [(rows[i], weights) for i, weights in frames.unfinished()],
-            "train_rng": order_generator.get_state(), "rank_rngs": rank_rngs,
-            "seconds": time.time() - start_time,
-        }, os.path.join(exp_dir, "checkpoint.pt"))
-
-    def stop_here(epoch, batch, signum):
-        save_checkpoint(epoch, batch)
-        if main_process:
-            frame_list, table = finished_frames()
-            frames.close()
-            write_outputs(exp_dir, config, model, ema_model, losses[:step], frame_list, table)
-            progress.close()
-            name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
-            log(f"{name}: stopped at step {step} (epoch {epoch}); checkpoint written. Continue with: "
-                f"python ddpm.py --experiment_name {config['experiment_name']} --out_dir {config['out_dir']} --resume")
-        sys.exit(130 if signum == signal.SIGINT else 143)
-
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"],
+                                  fused=device.split(":")[0] in ("cpu", "cuda"))
+    order_generator = torch.Generator(device).manual_seed(config["seed"])  # the same on every rank
+    noise_generator = ranks.noise_generator(config["seed"], order_generator)
+    B, T, num_epochs = config["train_batch_size"], config["num_timesteps"], config["num_epochs"]
+    steps_per_epoch = math.ceil(ranks.shard_size(len(data)) / B)
     total_steps = num_epochs * steps_per_epoch
-    loss_options = {"precision": config["precision"], "min_snr_gamma": config.get("min_snr_gamma", 0.0)}
-    optimizer_step = functools.partial(training_step, net, scheduler, optimizer, **loss_options)
-    if use_compiled_step(config, device, distributed, total_steps):
-        optimizer_step = compiled_training_step(model, scheduler, optimizer, fallback=optimizer_step, log=log,
-                                                **loss_options)
+    losses = torch.zeros(total_steps, device=device)  # one per step, read back once an epoch
+    frames = Frames(config, exp_dir, device, (build_model, build_scheduler, sample)) if ranks.main else None
+    checkpoint = Checkpointer(f"{exp_dir}/checkpoint.pt", model, ema_model, optimizer, losses,
+                              order_generator, noise_generator, frames, ranks)
+    start_epoch, start_batch, step, perm = 0, 0, 0, None
+    if resume:
+        start_epoch, start_batch, step, perm, seconds = checkpoint.restore()
+        started -= seconds
+        if ranks.main:
+            log(f"resuming {exp_dir} at epoch {start_epoch}, step {step}")
+    optimizer_step = make_optimizer_step(config, model, ranks.wrap(model), scheduler, optimizer,
+                                         compiled_step.wanted(config, device, ranks.distributed, total_steps, is_image), log)
     progress = tqdm(total=total_steps, initial=step, desc=config["experiment_name"], unit="step", mininterval=0.5,
-                    dynamic_ncols=True, disable=config.get("quiet", False) or not main_process)
+                    dynamic_ncols=True, disable=config.get("quiet", False) or not ranks.main)
+
+    def finish():  # rank 0 writes the outputs so far; (metric rows, seconds until then)
+        progress.close()
+        if not ranks.main:
+            return None, None
+        frame_list, table = frames.finished()
+        frames.close()
+        seconds = time.time() - started
+        experiment.write_outputs(exp_dir, config, model, ema_model, losses[:step], frame_list, table)
+        return table, seconds
+
+    def stop_here(epoch, batch, signum):  # Ctrl-C or SIGTERM: a checkpoint and the outputs so far
+        checkpoint.save(epoch, batch, step, perm, time.time() - started)
+        if finish()[0] is not None:
+            log(f"{stop.name(signum)}: stopped at step {step} (epoch {epoch}); checkpoint written. Continue "
+                f"with: python ddpm.py --experiment_name {config['experiment_name']} --out_dir {config['out_dir']} --resume")
+        sys.exit(stop.exit_status(signum))
+
     with StopRequest() as stop:
         for epoch in range(start_epoch, num_epochs):
             if perm is None:
-                perm = torch.randperm(N, generator=order_generator, device=device)
-            shard = perm[rank:shard_size * world_size:world_size]
+                perm = torch.randperm(len(data), generator=order_generator, device=device)
+            shard = ranks.shard(perm)
             model.train()
             for batch in range(start_batch, steps_per_epoch):
                 index = shard[batch * B:(batch + 1) * B]
-                x_start = data[index]
-                noise = torch.randn(x_start.shape, generator=noise_generator, device=device)
-                t = sample_timesteps(len(x_start), T, config.get("low_noise_fraction", 0.0),
-                                     noise_generator, device)
+                x_start = data[index]                                            # x_0 ~ q(x_0)
+                noise = torch.randn(x_start.shape, generator=noise_generator, device=device)  # eps ~ N(0, I)
+                t = sample_timesteps(len(index), T, config.get("low_noise_fraction", 0.0), noise_generator, device)
                 y = None
                 if labels is not None:  # drop the label 10% of the time so the model also learns p(x)
                     drop = torch.rand(len(index), generator=noise_generator, device=device) < 0.1
                     y = torch.where(drop, model.null_label, labels[index])
-                if config.get("lr_schedule", "constant") != "constant":
-                    for group in optimizer.param_groups:
-                        group["lr"] = learning_rate_at(step, total_steps, config)
-                losses[step] = optimizer_step(x_start, noise, t, y)  # Algorithm 1, in training_step
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate_at(step, total_steps, config)
+                losses[step] = optimizer_step(x_start, noise, t, y)   # a gradient step on eq. 14
                 if ema_model is not None:  # ema += (1 - decay) (weights - ema), one fused op
-                    torch._foreach_lerp_(ema_params, model_params, 1 - ema_decay_at(step, config["ema_decay"]))
+                    torch._foreach_lerp_(*ema_pairs, 1 - ema_decay_at(step, config["ema_decay"]))
                 step += 1
-                if stop.signal is not None and not distributed:  # under DDP the ranks stop together, below
+                if stop.signal is not None and not ranks.distributed:  # under DDP: together, below
                     stop_here(epoch, batch + 1, stop.signal)
             start_batch, perm = 0, None
 
-            # once per epoch: one host sync (and under DDP one all-reduce) for the epoch's losses
             epoch_losses = losses[step - steps_per_epoch:step]
-            if distributed:
-                flag = torch.tensor([float(stop.signal or 0)], device=device)
-                reduced = torch.cat([epoch_losses, flag])
-                torch.distributed.all_reduce(reduced[:-1])                      # sum of the ranks' losses
-                torch.distributed.all_reduce(reduced[-1:], op=torch.distributed.ReduceOp.MAX)
-                epoch_losses.copy_(reduced[:-1] / world_size)                  # loss.npy: the mean over ranks
-                distributed_stop = int(reduced[-1])  # acted on at the end of this epoch, below
-            epoch_loss = float(epoch_losses.mean())
+            stop_signal = ranks.average_epoch(epoch_losses, stop.signal)       # loss.npy: the ranks' mean
+            epoch_loss = float(epoch_losses.mean())  # the epoch's one host sync
             if not math.isfinite(epoch_loss):
-                bad = int(torch.nonzero(~torch.isfinite(epoch_losses))[0]) + step - steps_per_epoch
                 progress.close()
                 if frames is not None:
                     frames.close()
-                raise NonFiniteLoss(
-                    f"the loss became non-finite at step {bad} (epoch {epoch}); the learning rate "
-                    f"{config['learning_rate']:g} is probably too high (or the data has NaN/inf). "
-                    "Nothing after the last good checkpoint was written.")
+                raise experiment.NonFiniteLoss(epoch_losses, step - steps_per_epoch, epoch, config["learning_rate"])
             progress.update(steps_per_epoch)
             last_epoch = epoch == num_epochs - 1
-            if main_process and ((epoch + 1) % config["save_images_step"] == 0 or last_epoch):
-                frame_index = len(rows)
-                rows[frame_index] = {"frame": frame_index, "epoch": epoch, "step": step, "loss": epoch_loss,
-                                     "seconds": time.time() - start_time}
-                frames.submit(frame_index, epoch, (ema_model if ema_model is not None else model).state_dict())
-                frames.collect()
-                if frames.done:
-                    latest = frames.done[max(frames.done)][1]
-                    progress.set_postfix(loss=f"{epoch_loss:.3f}", score=f"{latest['score']:.4f}",
-                                         floor=f"{latest['floor']:.4f}", refresh=False)
+            if ranks.main and ((epoch + 1) % config["save_images_step"] == 0 or last_epoch):
+                frames.submit({"frame": len(frames.rows), "epoch": epoch, "step": step, "loss": epoch_loss,
+                               "seconds": time.time() - started},
+                              (ema_model if ema_model is not None else model).state_dict())
+                if (score := frames.latest_score()) is not None:
+                    progress.set_postfix(loss=f"{epoch_loss:.3f}", score=f"{score['score']:.4f}",
+                                         floor=f"{score['floor']:.4f}", refresh=False)
             if (epoch + 1) % config["checkpoint_every"] == 0 or last_epoch:
-                save_checkpoint(epoch + 1, 0, wait=last_epoch)
-            if distributed and distributed_stop:
-                stop_here(epoch + 1, 0, distributed_stop)
-    progress.close()
-    if not main_process:
+                checkpoint.save(epoch + 1, 0, step, None, time.time() - started, wait=last_epoch)
+            if stop_signal:
+                stop_here(epoch + 1, 0, stop_signal)
+    table, loop_seconds = finish()
+    if not ranks.main:
         return None
-    frame_list, table = finished_frames()
-    frames.close()
-    loop_seconds = time.time() - start_time
-    write_outputs(exp_dir, config, model, ema_model, losses[:step], frame_list, table)
-    final = table[-1]
-    return {"score": final["score"], "floor": final["floor"], "loss": final["loss"], "steps": step,
-            "loop_seconds": loop_seconds, "seconds": time.time() - start_time, "frames": len(table),
-            "sampling_seconds": frames.seconds["sampling"], "drawing_seconds": frames.seconds["drawing"],
-            "parallel_frames": parallel_frames}
+    return {**{k: table[-1][k] for k in ("score", "floor", "loss")}, "steps": step, "frames": len(table),
+            "loop_seconds": loop_seconds, "seconds": time.time() - started, "parallel_frames": frames.parallel,
+            "sampling_seconds": frames.seconds["sampling"], "drawing_seconds": frames.seconds["drawing"]}
 
 
-def use_compiled_step(config, device, distributed, total_steps):
-    """--compile: auto compiles the step of a 2D run on a CPU that is long enough to repay the
-    compile (bench.py: ~2x steps/s for a ~4 s compile, ~20 s uncached); on compiles any
-    single-process 2D run."""
-    choice = config.get("compile", "auto")
-    if choice == "auto":
-        return device == "cpu" and not distributed and not datasets.is_image_dataset(config["dataset"]) \
-            and total_steps >= 5000
-    return choice == "on" and not distributed
+def make_optimizer_step(config, model, net, scheduler, optimizer, compiled, log):
+    """training_step bound to this run, or the same step compiled into one graph (compiled_step.py)."""
+    options = {"precision": config["precision"], "min_snr_gamma": config.get("min_snr_gamma", 0.0)}
+    eager = functools.partial(training_step, net, scheduler, optimizer, **options)
+    if not compiled:
+        return eager
 
+    def loss(net, x_start, noise, t, labels):
+        return diffusion_loss(net, scheduler, x_start, noise, t, labels, **options)
+    return compiled_step.compiled_training_step(model, loss, optimizer, fallback=eager, log=log)
 
-def use_frame_worker(config, device):
-    """Make frames in a worker process on a CPU with a core to spare (frames.py says why)."""
-    choice = config.get("frame_worker", "auto")
-    if choice == "auto":  # worth a process start (a few seconds) only for a real amount of sampling
-        n_frames = config["num_epochs"] // config["save_images_step"] + 1
-        work = n_frames * config["eval_batch_size"] * (config["num_inference_steps"] or config["num_timesteps"])
-        return (device == "cpu" and (os.cpu_count() or 1) >= 2 and work >= 2_000_000
-                and not datasets.is_image_dataset(config["dataset"]))
-    return choice == "on"
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-METRIC_BASICS = ("frame", "epoch", "step", "loss", "seconds")  # known when a frame is asked for
-
-
-def write_outputs(exp_dir, config, model, ema_model, losses, frames, table):
-    """model.pth, model_ema.pth, loss.npy, loss.png, frames.npy and metrics.csv, each atomically.
-    (The frame PNGs are drawn as the frames are made.)"""
-    atomic_save(model.state_dict(), os.path.join(exp_dir, "model.pth"))
-    if ema_model is not None:
-        atomic_save(ema_model.state_dict(), os.path.join(exp_dir, "model_ema.pth"))
-    losses = losses.cpu().numpy()
-    shape = (0, config["eval_batch_size"], *datasets.sample_shape(config))
-    atomic_save_npy(os.path.join(exp_dir, "loss.npy"), losses)
-    atomic_save_npy(os.path.join(exp_dir, "frames.npy"), torch.stack(frames).numpy() if frames else np.zeros(shape))
-    atomic_write_text(os.path.join(exp_dir, "metrics.csv"), pd.DataFrame(table).to_csv(index=False, float_format="%.6g"))
-    plotting.draw_loss(losses, os.path.join(exp_dir, "loss.png"))
 
 
 # ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2, no usage dump
-        self.exit(2, f"{self.prog}: error: {message} (see -h)\n")
-
-
-def _number(kind, low=None, low_inclusive=False, high=None, high_inclusive=False, what=""):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what or kind.__name__}, got {text!r}")
-        if kind is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-        too_low = low is not None and (value < low if low_inclusive else value <= low)
-        too_high = high is not None and (value > high if high_inclusive else value >= high)
-        if too_low or too_high:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return value
-    return parse
-
-
-positive_int = _number(int, 0, what="a positive integer")
-nonnegative_int = _number(int, 0, low_inclusive=True, what="a non-negative integer")
-positive_float = _number(float, 0, what="a positive number")
-unit_interval = _number(float, 0, high=1, what="a number in (0, 1)")
-ema_range = _number(float, 0, low_inclusive=True, high=1, what="in [0, 1)")
-eta_range = _number(float, 0, low_inclusive=True, what="a number >= 0")
-
-
 def build_parser():
-    p = ArgumentParser(prog="ddpm.py", description="Train a denoising diffusion model (DDPM) on 2D points or images.",
+    p = cli.ArgumentParser(prog="ddpm.py", description="Train a denoising diffusion model (DDPM) on 2D points or images.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--experiment_name", default="base", help="outputs go to OUT_DIR/EXPERIMENT_NAME")
     p.add_argument("--out_dir", default="exps", help="folder that holds the experiments")
     p.add_argument("--dataset", default="dino", choices=datasets.DATASETS, help="what to learn to draw")
-    p.add_argument("--dataset_size", type=positive_int, default=8000,
+    p.add_argument("--dataset_size", type=cli.positive_int, default=8000,
                    help="training points (2D) or the number of images to use")
-    p.add_argument("--train_batch_size", type=positive_int, default=128, help="examples per optimizer step")
-    p.add_argument("--eval_batch_size", type=positive_int, default=1000, help="samples drawn per frame")
-    p.add_argument("--num_epochs", type=positive_int, default=250, help="passes over the training data")
-    p.add_argument("--learning_rate", type=positive_float, default=2e-3, help="AdamW learning rate")
+    p.add_argument("--train_batch_size", type=cli.positive_int, default=128, help="examples per optimizer step")
+    p.add_argument("--eval_batch_size", type=cli.positive_int, default=1000, help="samples drawn per frame")
+    p.add_argument("--num_epochs", type=cli.positive_int, default=250, help="passes over the training data")
+    p.add_argument("--learning_rate", type=cli.positive_float, default=2e-3, help="AdamW learning rate")
     p.add_argument("--lr_schedule", default="cosine", choices=("constant", "cosine"),
                    help="cosine: decay the learning rate to 0 over the run")
-    p.add_argument("--low_noise_fraction", type=_number(float, 0, True, 1, True, what="a number in [0, 1]"),
+    p.add_argument("--low_noise_fraction", type=cli.closed_unit_interval,
                    default=0.5, help="share of training timesteps drawn from the lowest fifth of the T (0: uniform)")
-    p.add_argument("--min_snr_gamma", type=_number(float, 0, True, what="a number >= 0"), default=0.0,
+    p.add_argument("--min_snr_gamma", type=cli.nonnegative_float, default=0.0,
                    help="weight each timestep's loss by min(SNR, gamma) in x_0 terms (Hang et al. 2023); 0: the simple loss")
-    p.add_argument("--num_timesteps", type=positive_int, default=200, help="T, the length of the diffusion")
+    p.add_argument("--num_timesteps", type=cli.positive_int, default=200, help="T, the length of the diffusion")
     p.add_argument("--beta_schedule", default="quadratic", choices=SCHEDULES, help="how the noise variance grows")
-    p.add_argument("--beta_start", type=unit_interval, default=1e-4,
+    p.add_argument("--beta_start", type=cli.unit_interval, default=1e-4,
                    help="first beta (linear/quadratic/sigmoid)")
-    p.add_argument("--beta_end", type=unit_interval, default=None,
+    p.add_argument("--beta_end", type=cli.unit_interval, default=None,
                    help="last beta; default 0.02 * 1000/T, which ends in noise for any T (the classic: 0.02)")
     p.add_argument("--prediction", default="epsilon", choices=PREDICTIONS, help="what the network predicts")
-    p.add_argument("--embedding_size", type=positive_int, default=128, help="features per embedded scalar")
-    p.add_argument("--hidden_size", type=positive_int, default=128, help="width of the MLP")
-    p.add_argument("--hidden_layers", type=positive_int, default=3, help="residual blocks of the MLP")
+    p.add_argument("--embedding_size", type=cli.positive_int, default=128, help="features per embedded scalar")
+    p.add_argument("--hidden_size", type=cli.positive_int, default=128, help="width of the MLP")
+    p.add_argument("--hidden_layers", type=cli.positive_int, default=3, help="residual blocks of the MLP")
     p.add_argument("--time_embedding", default="sinusoidal", choices=("sinusoidal", "learnable", "linear", "zero"),
                    help="how the MLP sees t (zero: it does not)")
     p.add_argument("--input_embedding", default="fourier",
                    choices=("sinusoidal", "learnable", "linear", "identity", "fourier"),
                    help="how the MLP sees x and y (fourier: sinusoidal features of the point along random directions)")
-    p.add_argument("--input_scale", type=positive_float, default=200.0,
+    p.add_argument("--input_scale", type=cli.positive_float, default=200.0,
                    help="largest frequency of the fourier / sinusoidal input features (they go down to it / 10000)")
-    p.add_argument("--ema_decay", type=ema_range, default=0.995,
+    p.add_argument("--ema_decay", type=cli.ema_range, default=0.995,
                    help="EMA of the weights for frames and sampling; 0 turns it off")
-    p.add_argument("--clip_sample", type=_number(float, 0, True, what="a number >= 0"), default=5.0,
+    p.add_argument("--clip_sample", type=cli.nonnegative_float, default=5.0,
                    help="clamp the predicted x_0 to [-c, c] when sampling, as DDPM does for images (every 2D "
                         "dataset here lies within |x|, |y| <= 4.7); 0: no clamp")
     p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="sampler for the frames")
-    p.add_argument("--num_inference_steps", type=positive_int, default=None,
+    p.add_argument("--num_inference_steps", type=cli.positive_int, default=None,
                    help="steps of the ddim sampler (default: all T)")
-    p.add_argument("--eta", type=eta_range, default=0.0, help="DDIM's eta: 0 deterministic, 1 like DDPM")
-    p.add_argument("--save_images_step", type=positive_int, default=10, help="sample a frame every N epochs")
-    p.add_argument("--checkpoint_every", type=positive_int, default=10, help="write checkpoint.pt every N epochs")
+    p.add_argument("--eta", type=cli.nonnegative_float, default=0.0, help="DDIM's eta: 0 deterministic, 1 like DDPM")
+    p.add_argument("--save_images_step", type=cli.positive_int, default=10, help="sample a frame every N epochs")
+    p.add_argument("--checkpoint_every", type=cli.positive_int, default=10, help="write checkpoint.pt every N epochs")
     p.add_argument("--seed", type=int, default=0, help="same seed, same machine: same outputs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, then mps, then cpu")
     p.add_argument("--resume", action="store_true", help="continue the experiment from its checkpoint")
@@ -829,11 +580,11 @@ def build_parser():
                         help="folder of the IDX .gz files (default: data/DATASET; downloaded when missing)")
     images.add_argument("--class_conditional", action="store_true", default=None,
                         help="train with labels (10%% dropped: classifier-free guidance); None = off")
-    images.add_argument("--guidance_scale", type=_number(float, 0, low_inclusive=True, what="a number >= 0"),
+    images.add_argument("--guidance_scale", type=cli.nonnegative_float,
                         default=3.0, help="classifier-free guidance of the frames of a class-conditional run")
-    images.add_argument("--unet_channels", type=positive_int, default=32,
+    images.add_argument("--unet_channels", type=cli.positive_int, default=32,
                         help="U-Net width at 28x28 (x2 at 14x14 and 7x7)")
-    images.add_argument("--unet_depth", type=positive_int, default=1, help="residual blocks per U-Net level")
+    images.add_argument("--unet_depth", type=cli.positive_int, default=1, help="residual blocks per U-Net level")
     images.add_argument("--unet_attention", action=argparse.BooleanOptionalAction, default=None,
                         help="self-attention at 7x7; None = on")
     p.epilog = "For image datasets, flags not given take these defaults instead: " + ", ".join(
@@ -841,7 +592,7 @@ def build_parser():
     return p
 
 
-# Defaults measured for 28x28 images on a 2-core CPU (README, "Images"), used for the flags a
+# Defaults measured for 28x28 images on a 2-core CPU (docs/mnist.md), used for the flags a
 # command line does not give when --dataset is an image dataset; 2D keeps the defaults above.
 IMAGE_DEFAULTS = {"dataset_size": 60000, "num_timesteps": 1000, "beta_schedule": "cosine", "clip_sample": 1.0,
                   "prediction": "v", "min_snr_gamma": 5.0,
@@ -850,42 +601,21 @@ IMAGE_DEFAULTS = {"dataset_size": 60000, "num_timesteps": 1000, "beta_schedule":
                   "save_images_step": 70, "lr_schedule": "constant", "low_noise_fraction": 0.0}
 
 
-def apply_image_defaults(config, parser, argv):
-    """config with IMAGE_DEFAULTS for every flag absent from argv, when the dataset is an image one."""
+def apply_image_defaults(config, given):
+    """config with IMAGE_DEFAULTS for every flag not `given` on the command line, for image datasets."""
     if not datasets.is_image_dataset(config["dataset"]):
         return config
-    spy = build_parser()  # parsed again without defaults: only the flags on the command line
-    for action in spy._actions:
-        action.default = argparse.SUPPRESS
-    given = vars(spy.parse_args(argv))
     return {**config, **{k: v for k, v in IMAGE_DEFAULTS.items() if k not in given}}
 
 
-def resolve_precision(precision, dataset, device):
-    """--precision auto: bf16 for the U-Net where the hardware has native bf16 (measured on this
-    project's 2-core AVX512-BF16 CPU: 235 vs 128 training images/s, 731 vs 386 sampled), fp32 for
-    the 2D MLP, whose tiny matrices gain nothing from it (bench.py: 620 vs 800 steps/s at batch 32)."""
-    if precision != "auto":
-        return precision
-    if not datasets.is_image_dataset(dataset):
-        return "fp32"
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device == "cpu":
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-    return "fp32"
-
-
 def validate(config, parser):
-    """Checks between flags, before any work."""
-    if config["num_inference_steps"] is not None:
-        if config["num_inference_steps"] > config["num_timesteps"]:
-            parser.error(f"--num_inference_steps {config['num_inference_steps']} exceeds "
-                         f"--num_timesteps {config['num_timesteps']}")
-        if config["sampler"] == "ddpm" and config["num_inference_steps"] != config["num_timesteps"]:
-            parser.error("the ddpm sampler walks every timestep; use --sampler ddim with --num_inference_steps")
-    start = config["beta_start"] if config["beta_start"] is not None else default_beta_range(config["num_timesteps"])[0]
-    end = config["beta_end"] if config["beta_end"] is not None else default_beta_range(config["num_timesteps"])[1]
+    """Checks between flags, before any work: one line and exit status 2 for the first that fails."""
+    error = sampling_error(config["sampler"], config["num_inference_steps"], config["num_timesteps"])
+    if error:
+        parser.error(error)
+    start, end = default_beta_range(config["num_timesteps"])
+    start = config["beta_start"] if config["beta_start"] is not None else start
+    end = config["beta_end"] if config["beta_end"] is not None else end
     if config["beta_schedule"] != "cosine" and start > end:
         parser.error(f"--beta_start {start:g} is larger than --beta_end {end:g}")
     if config["embedding_size"] % 2 and "sinusoidal" in (config["time_embedding"], config["input_embedding"]):
@@ -893,114 +623,40 @@ def validate(config, parser):
     if config["resume"] and config["overwrite"]:
         parser.error("--resume and --overwrite exclude each other")
     if config["compile"] == "on" and datasets.is_image_dataset(config["dataset"]):
-        # measured on a 2-core CPU: ~3 minutes to compile the U-Net's step in fp32; under bf16 it fails
+        # the U-Net's step took minutes to compile on a CPU in fp32 and failed under bf16
         parser.error("--compile on is for the 2D MLP; image runs train with the eager step")
-
-
-RUN_FLAGS = ("resume", "overwrite", "quiet", "device", "frame_worker", "compile")  # how to run, not what to train
-
-
-def prepare_experiment(config, parser):
-    """Create (or reopen) the experiment folder; never clobber one silently."""
-    exp_dir = os.path.join(config["out_dir"], config["experiment_name"])
-    config_path = os.path.join(exp_dir, "config.json")
-    exists = os.path.isdir(exp_dir) and any(os.scandir(exp_dir))
-    if config["resume"]:
-        if not os.path.exists(os.path.join(exp_dir, "checkpoint.pt")):
-            parser.error(f"--resume: no checkpoint in {exp_dir}")
-        try:
-            with open(config_path) as f:
-                saved = json.load(f)
-            if not isinstance(saved, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            parser.error(f"--resume: cannot read {config_path}: {e}")
-        defaults = vars(parser.parse_args([]))
-        for key, value in config.items():  # flags changed on this command line must agree
-            if key in RUN_FLAGS or key in ("num_epochs",) or value == defaults.get(key):
-                continue
-            if saved.get(key) != value:
-                parser.error(f"--resume: --{key} {value} differs from the experiment's {saved.get(key)}")
-        if config["num_epochs"] != defaults["num_epochs"]:
-            saved["num_epochs"] = config["num_epochs"]
-        saved.update({k: config[k] for k in RUN_FLAGS})
-        return exp_dir, saved
-    if exists and not config["overwrite"]:
-        parser.error(f"{exp_dir} already exists; pass --resume to continue it or --overwrite to replace it")
-    try:
-        if exists:
-            shutil.rmtree(exp_dir)
-        os.makedirs(exp_dir, exist_ok=True)
-        probe = os.path.join(exp_dir, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        parser.error(f"cannot write to {exp_dir}: {e.strerror or e}")
-    check_disk_space(config, exp_dir, parser)
-    return exp_dir, config
-
-
-def check_disk_space(config, exp_dir, parser):
-    """Refuse to start when the outputs (frames twice: frames.npy and the checkpoint; PNGs) can't fit."""
-    n_frames = config["num_epochs"] // config["save_images_step"] + 1
-    frame_bytes = config["eval_batch_size"] * int(np.prod(datasets.sample_shape(config))) * 4
-    need = 2 * n_frames * frame_bytes + n_frames * 60_000 + 20_000_000
-    free = shutil.disk_usage(exp_dir).free
-    if free < need:
-        parser.error(f"not enough disk space in {exp_dir}: the run needs about {need / 1e6:.0f} MB, "
-                     f"{free / 1e6:.0f} MB are free")
-
-
-def main(argv=None):
-    parser = build_parser()
-    config = vars(parser.parse_args(argv))
-    config = apply_image_defaults(config, parser, argv)
-    validate(config, parser)
     try:
         datasets.check_available(config)
     except datasets.DataError as e:
         parser.error(str(e))
-    if config["device"] == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available on this machine")
-    if config["device"] == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        parser.error("--device mps: MPS is not available on this machine")
-    device = pick_device(config["device"])
-    config["precision"] = resolve_precision(config["precision"], config["dataset"], device)
-    rank, world_size = init_distributed(device)
+    if ddp.device_error(config["device"]):
+        parser.error(ddp.device_error(config["device"]))
+
+
+def main(argv=None):
+    parser = build_parser()
+    config = vars(parser.parse_args(argv))  # first: -h prints the help with the defaults
+    given = cli.flags_given(parser, argv)
+    config = apply_image_defaults(config, given)
+    validate(config, parser)
+    device = ddp.pick_device(config["device"])
+    config["precision"] = ddp.resolve_precision(config["precision"], datasets.is_image_dataset(config["dataset"]), device)
+    rank, world_size = ddp.init_distributed(device)
+    exp_dir, config = ddp.on_rank_zero(world_size, lambda: experiment.prepare(config, parser, given))
     if rank == 0:
-        try:
-            prepared = prepare_experiment(config, parser)
-        except SystemExit:
-            if world_size > 1:  # tell the other ranks to stop too
-                torch.distributed.broadcast_object_list([None], src=0)
-            raise
-    else:
-        prepared = None
-    if world_size > 1:
-        box = [prepared]
-        torch.distributed.broadcast_object_list(box, src=0)
-        if box[0] is None:
-            sys.exit(2)
-        prepared = box[0]
-    exp_dir, config = prepared
-    if rank == 0:
-        print(f"device: {pick_device(config['device'], rank)}"
+        print(f"device: {ddp.pick_device(config['device'], rank)}"
               + (f" x {world_size} processes (global batch {config['train_batch_size'] * world_size})"
                  if world_size > 1 else "") + f"; writing to {exp_dir}", flush=True)
-        saved_config = {k: v for k, v in config.items() if k not in RUN_FLAGS}
-        saved_config["world_size"] = world_size
-        atomic_write_text(os.path.join(exp_dir, "config.json"), json.dumps(saved_config, indent=2) + "\n")
+        experiment.write_config(exp_dir, config, world_size)
     try:
         result = train(config, exp_dir, resume=config["resume"], rank=rank, world_size=world_size)
-    except (NonFiniteLoss, CheckpointError) as e:
+    except (experiment.NonFiniteLoss, CheckpointError) as e:
         sys.exit(f"ddpm.py: error: {e}")
     except OSError as e:  # disk full or folder gone mid-run: the last complete checkpoint is intact
         sys.exit(f"ddpm.py: error: cannot write the outputs ({e.strerror or e}); "
                  "the last complete checkpoint.pt is kept")
     finally:
-        if world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        ddp.finish(world_size)
     if rank == 0:
         print(f"done in {result['seconds']:.1f} s ({result['steps']} steps, {result['frames']} frames): "
               f"final score {result['score']:.5g} (noise floor {result['floor']:.5g}, "

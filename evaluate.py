@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import torch
 
+import cli
 import datasets
 import ddpm
 import metrics
@@ -51,10 +52,10 @@ def evaluate(experiment_dir, n=1000, num_seeds=5):
 
 
 def main(argv=None):
-    parser = ddpm.ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
     parser.add_argument("experiments", nargs="+", help="experiment folders of 2D runs")
-    parser.add_argument("--num_samples", type=ddpm.positive_int, default=1000)
-    parser.add_argument("--num_seeds", type=ddpm.positive_int, default=5,
+    parser.add_argument("--num_samples", type=cli.positive_int, default=1000)
+    parser.add_argument("--num_seeds", type=cli.positive_int, default=5,
                         help="draws of NUM_SAMPLES per sampler; the figures are their means (line: pooled)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

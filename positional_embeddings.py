@@ -1,7 +1,8 @@
 """Embeddings that turn a scalar (a coordinate or a timestep) into a feature vector.
 
 Every embedding maps a tensor of shape [B] to [B, output_size]. The MLP in ddpm.py
-uses one for each input coordinate and one for the timestep, and concatenates them.
+uses one for each input coordinate and one for the timestep, and concatenates them;
+the U-Net (unet.py) embeds its timestep with the same SinusoidalEmbedding.
 """
 import math
 
@@ -9,9 +10,10 @@ import torch
 import torch.nn as nn
 
 
-def geometric_frequencies(n: int) -> torch.Tensor:
-    """n frequencies from 1 down to 1/10000, spaced geometrically (Vaswani et al. 2017)."""
-    exponent = torch.arange(n, dtype=torch.float32) / max(n - 1, 1)
+def geometric_frequencies(n: int, endpoint: bool = True) -> torch.Tensor:
+    """n frequencies from 1 down to 1/10000 (endpoint=False: stopping one step short of it, as
+    the Transformer and DDPM's U-Net do), spaced geometrically (Vaswani et al. 2017)."""
+    exponent = torch.arange(n, dtype=torch.float32) / (max(n - 1, 1) if endpoint else n)
     return torch.exp(-math.log(10000.0) * exponent)
 
 
@@ -23,13 +25,13 @@ class SinusoidalEmbedding(nn.Module):
     2020), which let an MLP fit sharp detail it would otherwise blur.
     """
 
-    def __init__(self, size: int, scale: float = 1.0):
+    def __init__(self, size: int, scale: float = 1.0, endpoint: bool = True):
         super().__init__()
         if size < 2 or size % 2:
             raise ValueError(f"sinusoidal embedding size must be even and >= 2, got {size}")
         self.output_size = size
         self.scale = scale
-        self.register_buffer("frequencies", geometric_frequencies(size // 2), persistent=False)
+        self.register_buffer("frequencies", geometric_frequencies(size // 2, endpoint), persistent=False)
 
     def forward(self, x):  # x: [B] -> [B, size]
         angles = (x.float() * self.scale)[:, None] * self.frequencies[None, :]
@@ -106,7 +108,6 @@ class ZeroEmbedding(nn.Module):
 
 
 EMBEDDINGS = ("sinusoidal", "learnable", "linear", "identity", "zero")
-
 
 
 def make_embedding(kind: str, size: int, scale: float = 1.0, max_value: float = 1.0) -> nn.Module:

@@ -6,6 +6,7 @@ Rebuilds the network from EXPERIMENT_DIR/config.json, loads its weights (the EMA
 model_ema.pth, where the run kept them; else model.pth), runs the reverse process and
 writes the samples as .npy plus a PNG of them beside it.
 """
+import argparse
 import json
 import os
 import sys
@@ -13,6 +14,9 @@ import time
 
 import torch
 
+import cli
+import datasets
+import ddp
 import ddpm
 import metrics
 from checkpoints import CheckpointError, atomic_save_npy, load_weights, safe_load
@@ -20,20 +24,20 @@ from plotting import save_samples_png
 
 
 def build_parser():
-    p = ddpm.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0],
-                            formatter_class=ddpm.argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("experiment_dir", help="an experiment folder written by ddpm.py, e.g. exps/base")
-    p.add_argument("--num_samples", type=ddpm.positive_int, default=1000)
+    p.add_argument("--num_samples", type=cli.positive_int, default=1000)
     p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=None, help="default: the experiment's")
-    p.add_argument("--num_inference_steps", type=ddpm.positive_int, default=None,
+    p.add_argument("--num_inference_steps", type=cli.positive_int, default=None,
                    help="DDIM steps (default: the experiment's, else all T)")
-    p.add_argument("--eta", type=ddpm.eta_range, default=None, help="DDIM's eta (default: the experiment's)")
+    p.add_argument("--eta", type=cli.nonnegative_float, default=None, help="DDIM's eta (default: the experiment's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=int, default=None, help="class to draw (class-conditional models)")
     p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance weight")
     p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                    help="auto: EMA weights where the experiment has them")
-    p.add_argument("--batch_size", type=ddpm.positive_int, default=10000, help="samples per forward pass")
+    p.add_argument("--batch_size", type=cli.positive_int, default=10000, help="samples per forward pass")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--output", default=None, help="a .npy file (default: EXPERIMENT_DIR/samples.npy)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -71,7 +75,7 @@ def main(argv=None):
         parser.error(f"--output must end in .npy, got {output}")
     if os.path.exists(output) and not args.overwrite:
         parser.error(f"{output} exists; pass --overwrite to replace it")
-    device = ddpm.pick_device(args.device)
+    device = ddp.pick_device(args.device)
     try:
         model, scheduler, config = load_experiment(args.experiment_dir, args.weights, device)
     except CheckpointError as e:
@@ -80,10 +84,9 @@ def main(argv=None):
     steps = args.num_inference_steps if args.num_inference_steps is not None else (
         config.get("num_inference_steps") if args.sampler in (None, config.get("sampler")) else None)
     eta = args.eta if args.eta is not None else config.get("eta", 0.0)
-    if sampler == "ddpm" and steps not in (None, scheduler.num_timesteps):
-        parser.error("the ddpm sampler walks every timestep; use --sampler ddim with --num_inference_steps")
-    if steps is not None and steps > scheduler.num_timesteps:
-        parser.error(f"--num_inference_steps {steps} exceeds the experiment's {scheduler.num_timesteps} timesteps")
+    error = ddpm.sampling_error(sampler, steps, scheduler.num_timesteps)
+    if error:
+        parser.error(error)
     conditional = getattr(model, "num_classes", None) is not None
     if args.label is not None and not conditional:
         parser.error("--label needs a class-conditional experiment (trained with --class_conditional)")
@@ -91,7 +94,7 @@ def main(argv=None):
         parser.error(f"--label must be in 0..{model.num_classes - 1}")
     guidance = args.guidance_scale if args.guidance_scale is not None else config.get("guidance_scale", 1.0)
 
-    shape_tail = ddpm.datasets.sample_shape(config)
+    shape_tail = datasets.sample_shape(config)
     generator = torch.Generator(device).manual_seed(args.seed)
     tic = time.time()
     chunks = []

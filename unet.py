@@ -8,19 +8,11 @@ Each level has `depth` residual blocks (GroupNorm, SiLU, 3x3 conv, twice), each 
 projection of the sinusoidal time embedding (and of the class embedding, when there is one)
 between its two convolutions. The decoder concatenates the encoder's features (skips).
 """
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def timestep_embedding(t, dim, max_period=10_000):
-    """Sinusoidal embedding of integer timesteps t [B] -> [B, dim] (Vaswani et al. 2017)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([args.sin(), args.cos()], dim=-1)
+from positional_embeddings import SinusoidalEmbedding
 
 
 def norm(channels):
@@ -71,6 +63,7 @@ class UNet(nn.Module):
         self.channels = C
         self.num_classes = num_classes
         self.null_label = num_classes  # the extra "no label" class of classifier-free guidance
+        self.time_embedding = SinusoidalEmbedding(C, endpoint=False)  # no weights: not in the state_dict
         self.time_mlp = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         widths = [C * m for m in channel_mult]  # per level: 28x28, 14x14, 7x7
@@ -106,7 +99,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.head[-1].bias)
 
     def forward(self, x, t, y=None):  # x [B, 1, 28, 28], t [B], y [B] or None -> [B, 1, 28, 28]
-        emb = self.time_mlp(timestep_embedding(t, self.channels))  # [B, E]
+        emb = self.time_mlp(self.time_embedding(t))  # [B, E]
         if self.class_emb is not None:
             if y is None:
                 y = torch.full_like(t, self.null_label)
@@ -132,8 +125,7 @@ class UNet(nn.Module):
 def build_unet(config):
     """The U-Net a config describes (flags --unet_channels, --unet_depth, --unet_attention)."""
     # Denormal floats (|x| < 1e-38) appear in the activations and gradients as training goes
-    # on and make x86 CPUs 2-10x slower (measured: 31 s/epoch at first, 6 min/epoch by epoch
-    # 19); flushing them to zero changes no result that matters.
+    # on and slow x86 CPUs down several times (docs/speed.md); flushing them changes no result.
     torch.set_flush_denormal(True)
     return UNet(channels=config.get("unet_channels", 32), channel_mult=tuple(config.get("unet_mult", (1, 2, 2))),
                 depth=config.get("unet_depth", 1), attention=config.get("unet_attention") is not False,

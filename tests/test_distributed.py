@@ -1,6 +1,5 @@
 """torchrun / DistributedDataParallel on CPU (gloo), and the --precision and --compile switches."""
 import copy
-import functools
 import os
 import shutil
 import socket
@@ -118,8 +117,8 @@ def test_compiled_step_falls_back_when_compiling_fails(monkeypatch):
     scheduler = ddpm.NoiseScheduler(10)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, reference)]
     messages = []
-    fallback = functools.partial(ddpm.training_step, model, scheduler, optimizers[0])
-    step = ddpm.compiled_training_step(model, scheduler, optimizers[0], fallback=fallback, log=messages.append)
+    config = {"precision": "fp32", "min_snr_gamma": 0.0}
+    step = ddpm.make_optimizer_step(config, model, model, scheduler, optimizers[0], True, messages.append)
     x, noise, t = torch.randn(8, 2), torch.randn(8, 2), torch.randint(0, 10, (8,))
     for _ in range(2):
         step(x, noise, t)

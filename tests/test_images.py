@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import datasets
+import ddp
 import ddpm
+import image_data
 import unet
 from conftest import ROOT, SHARED_DATA
 
@@ -33,17 +35,17 @@ def tiny_dir(tmp_path_factory):
     rng = np.random.default_rng(0)
     for split, n in (("train", 200), ("test", 100)):
         images, labels = digit_like(n, rng)
-        image_file, label_file = datasets.IDX_FILES[split]
-        datasets.write_idx(str(folder / image_file), images)
-        datasets.write_idx(str(folder / label_file), labels)
+        image_file, label_file = image_data.IDX_FILES[split]
+        image_data.write_idx(str(folder / image_file), images)
+        image_data.write_idx(str(folder / label_file), labels)
     return str(folder)
 
 
 def test_idx_round_trip(tmp_path):
     array = np.random.default_rng(1).integers(0, 256, (7, 28, 28)).astype(np.uint8)
     for name in ("a-idx3-ubyte", "a-idx3-ubyte.gz"):
-        datasets.write_idx(str(tmp_path / name), array)
-        back = datasets.read_idx(str(tmp_path / name))
+        image_data.write_idx(str(tmp_path / name), array)
+        back = image_data.read_idx(str(tmp_path / name))
         assert back.dtype == np.uint8 and back.shape == (7, 28, 28)
         np.testing.assert_array_equal(back, array)
     raw = open(tmp_path / "a-idx3-ubyte", "rb").read()
@@ -60,21 +62,21 @@ def test_idx_round_trip(tmp_path):
 ])
 def test_corrupt_idx_is_a_one_line_error(tmp_path, corruption, message):
     array = np.zeros((3, 28, 28), np.uint8)
-    datasets.write_idx(str(tmp_path / "x"), array)
+    image_data.write_idx(str(tmp_path / "x"), array)
     raw = open(tmp_path / "x", "rb").read()
     path = tmp_path / "x.gz"
     path.write_bytes(gzip.compress(corruption(raw)))
-    with pytest.raises(datasets.DataError, match=message) as error:
-        datasets.read_idx(str(path))
+    with pytest.raises(image_data.DataError, match=message) as error:
+        image_data.read_idx(str(path))
     assert "\n" not in str(error.value)
 
 
 def test_broken_gzip_is_a_one_line_error(tmp_path):
-    datasets.write_idx(str(tmp_path / "x.gz"), np.zeros((3, 28, 28), np.uint8))
+    image_data.write_idx(str(tmp_path / "x.gz"), np.zeros((3, 28, 28), np.uint8))
     raw = (tmp_path / "x.gz").read_bytes()
     (tmp_path / "x.gz").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(datasets.DataError, match="cannot read"):
-        datasets.read_idx(str(tmp_path / "x.gz"))
+    with pytest.raises(image_data.DataError, match="cannot read"):
+        image_data.read_idx(str(tmp_path / "x.gz"))
 
 
 def test_image_batches_shape_range_and_subset(tiny_dir):
@@ -84,7 +86,7 @@ def test_image_batches_shape_range_and_subset(tiny_dir):
     assert float(data.min()) == -1.0 and float(data.max()) == 1.0
     data, labels = datasets.load_training_data({**config, "class_conditional": True})
     assert labels.shape == (50,) and labels.dtype == torch.long and 0 <= labels.min() <= labels.max() <= 9
-    test_images, test_labels = datasets.load_images(config, "test")
+    test_images, test_labels = image_data.load_images(config, "test")
     assert test_images.shape == (100, 1, 28, 28) and len(test_labels) == 100
 
 
@@ -92,17 +94,17 @@ def test_mismatched_images_and_labels(tmp_path, tiny_dir):
     for name in os.listdir(tiny_dir):
         os.symlink(os.path.join(tiny_dir, name), tmp_path / name)
     os.remove(tmp_path / "train-labels-idx1-ubyte.gz")
-    datasets.write_idx(str(tmp_path / "train-labels-idx1-ubyte.gz"), np.zeros(199, np.uint8))
-    with pytest.raises(datasets.DataError, match="200 images but"):
-        datasets.load_images({"dataset": "mnist", "data_dir": str(tmp_path)}, "train")
+    image_data.write_idx(str(tmp_path / "train-labels-idx1-ubyte.gz"), np.zeros(199, np.uint8))
+    with pytest.raises(image_data.DataError, match="200 images but"):
+        image_data.load_images({"dataset": "mnist", "data_dir": str(tmp_path)}, "train")
 
 
 def test_missing_files_without_network_say_where_to_put_them(tmp_path, monkeypatch):
     tried = []
-    monkeypatch.setitem(datasets.IMAGE_SOURCES["mnist"], "mirrors", ["http://127.0.0.1:9/a/", "http://127.0.0.1:9/b/"])
-    real_download = datasets.download
-    monkeypatch.setattr(datasets, "download", lambda url, path, md5: tried.append(url) or real_download(url, path, md5, 2))
-    with pytest.raises(datasets.DataError, match=f"in {tmp_path}") as error:
+    monkeypatch.setitem(image_data.IMAGE_SOURCES["mnist"], "mirrors", ["http://127.0.0.1:9/a/", "http://127.0.0.1:9/b/"])
+    real_download = image_data.download
+    monkeypatch.setattr(image_data, "download", lambda url, path, md5: tried.append(url) or real_download(url, path, md5, 2))
+    with pytest.raises(image_data.DataError, match=f"in {tmp_path}") as error:
         datasets.check_available({"dataset": "mnist", "data_dir": str(tmp_path)})
     assert "\n" not in str(error.value)
     assert tried == ["http://127.0.0.1:9/a/train-images-idx3-ubyte.gz", "http://127.0.0.1:9/b/train-images-idx3-ubyte.gz"]
@@ -113,10 +115,10 @@ def test_download_checks_md5_and_writes_atomically(tmp_path):
     source = tmp_path / "mirror.gz"
     source.write_bytes(b"some bytes")
     url = source.as_uri()
-    assert not datasets.download(url, str(tmp_path / "out" / "f.gz"), "0" * 32)
+    assert not image_data.download(url, str(tmp_path / "out" / "f.gz"), "0" * 32)
     assert os.listdir(tmp_path / "out") == []
     import hashlib
-    assert datasets.download(url, str(tmp_path / "out" / "f.gz"), hashlib.md5(b"some bytes").hexdigest())
+    assert image_data.download(url, str(tmp_path / "out" / "f.gz"), hashlib.md5(b"some bytes").hexdigest())
     assert (tmp_path / "out" / "f.gz").read_bytes() == b"some bytes"
 
 
@@ -127,7 +129,7 @@ def test_shared_mnist_subset_reads():
     assert data.shape == (4000, 1, 28, 28) and data.min() == -1 and data.max() == 1
     assert set(labels.tolist()) == set(range(10))
     assert -0.9 < float(data.mean()) < -0.6  # mostly black background, as MNIST is
-    assert datasets.load_images(config, "test")[0].shape == (1000, 1, 28, 28)
+    assert image_data.load_images(config, "test")[0].shape == (1000, 1, 28, 28)
 
 
 @pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="dataset-fashion-mnist not installed")
@@ -135,7 +137,7 @@ def test_debian_fashion_mnist_is_found(tmp_path):
     config = {"dataset": "fashion_mnist", "data_dir": str(tmp_path), "dataset_size": 100, "seed": 0}
     data, _ = datasets.load_training_data(config)
     assert data.shape == (100, 1, 28, 28) and data.min() >= -1 and data.max() <= 1
-    assert datasets.load_images(config, "test")[0].shape == (10000, 1, 28, 28)
+    assert image_data.load_images(config, "test")[0].shape == (10000, 1, 28, 28)
 
 
 @pytest.mark.parametrize("conditional", [False, True])
@@ -176,7 +178,7 @@ def test_frechet_distance_and_scorer_see_quality(tiny_dir, tmp_path):
     config = {"dataset": "mnist", "data_dir": tiny_dir, "out_dir": str(tmp_path), "eval_batch_size": 100}
     scorer = classifier.ImageScorer(config, log=lambda *a: None)
     assert scorer.test_accuracy > 0.5 and os.path.exists(scorer.path)
-    test_images, test_labels = datasets.load_images(config, "test")
+    test_images, test_labels = image_data.load_images(config, "test")
     real = scorer(test_images, test_labels)
     noise = scorer(torch.rand(100, 1, 28, 28) * 2 - 1)
     assert real["score"] < noise["score"] and real["agreement"] == pytest.approx(scorer.test_accuracy)
@@ -200,7 +202,7 @@ def test_tiny_image_run_writes_every_output(tiny_dir, tmp_path):
     config = json.loads((exp / "config.json").read_text())
     assert config["num_timesteps"] == 20 and config["beta_schedule"] == "cosine" and config["sampler"] == "ddim"
     # --precision auto is resolved before config.json is written: what the run used, for this machine
-    assert config["precision"] == ddpm.resolve_precision("auto", "mnist", "cpu") in ("fp32", "bf16")
+    assert config["precision"] == ddp.resolve_precision("auto", True, "cpu") in ("fp32", "bf16")
     assert len((exp / "metrics.csv").read_text().strip().splitlines()) == 3
     model = ddpm.build_model(config)
     model.load_state_dict(torch.load(exp / "model_ema.pth", weights_only=True))
