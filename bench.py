@@ -32,6 +32,7 @@ import ablations  # noqa: E402
 import cli  # noqa: E402
 import compiled_step  # noqa: E402
 import datasets  # noqa: E402
+import image_defaults  # noqa: E402
 import ddpm  # noqa: E402
 import plotting  # noqa: E402
 
@@ -172,7 +173,7 @@ def run_end_to_end(name, flags, out_dir):
 
 
 def unet_images_per_second(quick, precision="fp32"):
-    config = ddpm.apply_image_defaults(vars(ddpm.build_parser().parse_args(["--dataset", "mnist"])), {"dataset"})
+    config = image_defaults.apply(vars(ddpm.build_parser().parse_args(["--dataset", "mnist"])), {"dataset"})
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     model, scheduler = ddpm.build_model(config), ddpm.build_scheduler(config)

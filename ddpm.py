@@ -26,13 +26,13 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 import cli
 import compiled_step
 import datasets
 import ddp
 import experiment
+import image_defaults
 from checkpoints import Checkpointer, CheckpointError, StopRequest
 from frames import Frames
 from positional_embeddings import RandomDirectionEmbedding, make_embedding
@@ -392,11 +392,11 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
     started = time.time()
     device = ddp.pick_device(config["device"], rank)
     ranks = ddp.Processes(rank, world_size, device)
-    is_image = datasets.is_image_dataset(config["dataset"])
     torch.manual_seed(config["seed"])  # model initialisation: the same on every rank
     # denormal floats (|x| < 1e-38) creep into activations and optimizer states as training goes
     # on and slow x86 CPUs down several times; flushing them to zero changes nothing visible
     torch.set_flush_denormal(True)
+    is_image = datasets.is_image_dataset(config["dataset"])
     if device == "cpu" and not is_image and not ranks.distributed:
         torch.set_num_threads(1)  # the MLP's tiny matrices: a second thread spins against the frame worker
 
@@ -404,10 +404,9 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
     data, labels = data.to(device), (labels.to(device) if labels is not None else None)
     scheduler, model = build_scheduler(config, device), build_model(config).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False) if config["ema_decay"] > 0 else None
-    ema_pairs = (list(ema_model.parameters()), list(model.parameters())) if ema_model is not None else None
+    weights, ema_weights = list(model.parameters()), (list(ema_model.parameters()) if ema_model else None)
     # fused AdamW: one kernel for all parameters instead of a dozen small ops per tensor
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"],
-                                  fused=device.split(":")[0] in ("cpu", "cuda"))
+    optimizer = torch.optim.AdamW(weights, lr=config["learning_rate"], fused=device.split(":")[0] in ("cpu", "cuda"))
     order_generator = torch.Generator(device).manual_seed(config["seed"])  # the same on every rank
     noise_generator = ranks.noise_generator(config["seed"], order_generator)
     B, T, num_epochs = config["train_batch_size"], config["num_timesteps"], config["num_epochs"]
@@ -415,35 +414,13 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
     total_steps = num_epochs * steps_per_epoch
     losses = torch.zeros(total_steps, device=device)  # one per step, read back once an epoch
     frames = Frames(config, exp_dir, device, (build_model, build_scheduler, sample)) if ranks.main else None
+    run = experiment.Run(config, exp_dir, ranks, model, ema_model, losses, frames, started, log)
     checkpoint = Checkpointer(f"{exp_dir}/checkpoint.pt", model, ema_model, optimizer, losses,
                               order_generator, noise_generator, frames, ranks)
-    start_epoch, start_batch, step, perm = 0, 0, 0, None
-    if resume:
-        start_epoch, start_batch, step, perm, seconds = checkpoint.restore()
-        started -= seconds
-        if ranks.main:
-            log(f"resuming {exp_dir} at epoch {start_epoch}, step {step}")
-    optimizer_step = make_optimizer_step(config, model, ranks.wrap(model), scheduler, optimizer,
-                                         compiled_step.wanted(config, device, ranks.distributed, total_steps, is_image), log)
-    progress = tqdm(total=total_steps, initial=step, desc=config["experiment_name"], unit="step", mininterval=0.5,
-                    dynamic_ncols=True, disable=config.get("quiet", False) or not ranks.main)
-
-    def finish():  # rank 0 writes the outputs so far; (metric rows, seconds until then)
-        progress.close()
-        if not ranks.main:
-            return None, None
-        frame_list, table = frames.finished()
-        frames.close()
-        seconds = time.time() - started
-        experiment.write_outputs(exp_dir, config, model, ema_model, losses[:step], frame_list, table)
-        return table, seconds
-
-    def stop_here(epoch, batch, signum):  # Ctrl-C or SIGTERM: a checkpoint and the outputs so far
-        checkpoint.save(epoch, batch, step, perm, time.time() - started)
-        if finish()[0] is not None:
-            log(f"{stop.name(signum)}: stopped at step {step} (epoch {epoch}); checkpoint written. Continue "
-                f"with: python ddpm.py --experiment_name {config['experiment_name']} --out_dir {config['out_dir']} --resume")
-        sys.exit(stop.exit_status(signum))
+    start_epoch, start_batch, step, perm = run.resume(checkpoint) if resume else (0, 0, 0, None)
+    optimizer_step = make_optimizer_step(config, model, ranks.wrap(model), scheduler, optimizer, log,
+                                         compiled_step.wanted(config, device, ranks.distributed, total_steps, is_image))
+    run.start_progress(total_steps, step)
 
     with StopRequest() as stop:
         for epoch in range(start_epoch, num_epochs):
@@ -464,42 +441,25 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
                     group["lr"] = learning_rate_at(step, total_steps, config)
                 losses[step] = optimizer_step(x_start, noise, t, y)   # a gradient step on eq. 14
                 if ema_model is not None:  # ema += (1 - decay) (weights - ema), one fused op
-                    torch._foreach_lerp_(*ema_pairs, 1 - ema_decay_at(step, config["ema_decay"]))
+                    torch._foreach_lerp_(ema_weights, weights, 1 - ema_decay_at(step, config["ema_decay"]))
                 step += 1
                 if stop.signal is not None and not ranks.distributed:  # under DDP: together, below
-                    stop_here(epoch, batch + 1, stop.signal)
+                    run.stop(checkpoint, epoch, batch + 1, step, perm, stop)
             start_batch, perm = 0, None
 
-            epoch_losses = losses[step - steps_per_epoch:step]
-            stop_signal = ranks.average_epoch(epoch_losses, stop.signal)       # loss.npy: the ranks' mean
-            epoch_loss = float(epoch_losses.mean())  # the epoch's one host sync
-            if not math.isfinite(epoch_loss):
-                progress.close()
-                if frames is not None:
-                    frames.close()
-                raise experiment.NonFiniteLoss(epoch_losses, step - steps_per_epoch, epoch, config["learning_rate"])
-            progress.update(steps_per_epoch)
+            epoch_loss, stop_signal = run.end_of_epoch(epoch, step, steps_per_epoch, stop.signal)
             last_epoch = epoch == num_epochs - 1
             if ranks.main and ((epoch + 1) % config["save_images_step"] == 0 or last_epoch):
-                frames.submit({"frame": len(frames.rows), "epoch": epoch, "step": step, "loss": epoch_loss,
-                               "seconds": time.time() - started},
+                frames.submit(run.frame_row(epoch, step, epoch_loss),
                               (ema_model if ema_model is not None else model).state_dict())
-                if (score := frames.latest_score()) is not None:
-                    progress.set_postfix(loss=f"{epoch_loss:.3f}", score=f"{score['score']:.4f}",
-                                         floor=f"{score['floor']:.4f}", refresh=False)
             if (epoch + 1) % config["checkpoint_every"] == 0 or last_epoch:
-                checkpoint.save(epoch + 1, 0, step, None, time.time() - started, wait=last_epoch)
+                checkpoint.save(epoch + 1, 0, step, None, run.seconds(), wait=last_epoch)
             if stop_signal:
-                stop_here(epoch + 1, 0, stop_signal)
-    table, loop_seconds = finish()
-    if not ranks.main:
-        return None
-    return {**{k: table[-1][k] for k in ("score", "floor", "loss")}, "steps": step, "frames": len(table),
-            "loop_seconds": loop_seconds, "seconds": time.time() - started, "parallel_frames": frames.parallel,
-            "sampling_seconds": frames.seconds["sampling"], "drawing_seconds": frames.seconds["drawing"]}
+                run.stop(checkpoint, epoch + 1, 0, step, None, stop, stop_signal)
+    return run.finish(step)
 
 
-def make_optimizer_step(config, model, net, scheduler, optimizer, compiled, log):
+def make_optimizer_step(config, model, net, scheduler, optimizer, log, compiled):
     """training_step bound to this run, or the same step compiled into one graph (compiled_step.py)."""
     options = {"precision": config["precision"], "min_snr_gamma": config.get("min_snr_gamma", 0.0)}
     eager = functools.partial(training_step, net, scheduler, optimizer, **options)
@@ -518,94 +478,59 @@ def make_optimizer_step(config, model, net, scheduler, optimizer, compiled, log)
 
 def build_parser():
     p = cli.ArgumentParser(prog="ddpm.py", description="Train a denoising diffusion model (DDPM) on 2D points or images.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--experiment_name", default="base", help="outputs go to OUT_DIR/EXPERIMENT_NAME")
-    p.add_argument("--out_dir", default="exps", help="folder that holds the experiments")
-    p.add_argument("--dataset", default="dino", choices=datasets.DATASETS, help="what to learn to draw")
-    p.add_argument("--dataset_size", type=cli.positive_int, default=8000,
-                   help="training points (2D) or the number of images to use")
-    p.add_argument("--train_batch_size", type=cli.positive_int, default=128, help="examples per optimizer step")
-    p.add_argument("--eval_batch_size", type=cli.positive_int, default=1000, help="samples drawn per frame")
-    p.add_argument("--num_epochs", type=cli.positive_int, default=250, help="passes over the training data")
-    p.add_argument("--learning_rate", type=cli.positive_float, default=2e-3, help="AdamW learning rate")
-    p.add_argument("--lr_schedule", default="cosine", choices=("constant", "cosine"),
-                   help="cosine: decay the learning rate to 0 over the run")
-    p.add_argument("--low_noise_fraction", type=cli.closed_unit_interval,
-                   default=0.5, help="share of training timesteps drawn from the lowest fifth of the T (0: uniform)")
-    p.add_argument("--min_snr_gamma", type=cli.nonnegative_float, default=0.0,
-                   help="weight each timestep's loss by min(SNR, gamma) in x_0 terms (Hang et al. 2023); 0: the simple loss")
-    p.add_argument("--num_timesteps", type=cli.positive_int, default=200, help="T, the length of the diffusion")
-    p.add_argument("--beta_schedule", default="quadratic", choices=SCHEDULES, help="how the noise variance grows")
-    p.add_argument("--beta_start", type=cli.unit_interval, default=1e-4,
-                   help="first beta (linear/quadratic/sigmoid)")
-    p.add_argument("--beta_end", type=cli.unit_interval, default=None,
-                   help="last beta; default 0.02 * 1000/T, which ends in noise for any T (the classic: 0.02)")
-    p.add_argument("--prediction", default="epsilon", choices=PREDICTIONS, help="what the network predicts")
-    p.add_argument("--embedding_size", type=cli.positive_int, default=128, help="features per embedded scalar")
-    p.add_argument("--hidden_size", type=cli.positive_int, default=128, help="width of the MLP")
-    p.add_argument("--hidden_layers", type=cli.positive_int, default=3, help="residual blocks of the MLP")
-    p.add_argument("--time_embedding", default="sinusoidal", choices=("sinusoidal", "learnable", "linear", "zero"),
-                   help="how the MLP sees t (zero: it does not)")
-    p.add_argument("--input_embedding", default="fourier",
-                   choices=("sinusoidal", "learnable", "linear", "identity", "fourier"),
-                   help="how the MLP sees x and y (fourier: sinusoidal features of the point along random directions)")
-    p.add_argument("--input_scale", type=cli.positive_float, default=200.0,
-                   help="largest frequency of the fourier / sinusoidal input features (they go down to it / 10000)")
-    p.add_argument("--ema_decay", type=cli.ema_range, default=0.995,
-                   help="EMA of the weights for frames and sampling; 0 turns it off")
-    p.add_argument("--clip_sample", type=cli.nonnegative_float, default=5.0,
-                   help="clamp the predicted x_0 to [-c, c] when sampling, as DDPM does for images (every 2D "
-                        "dataset here lies within |x|, |y| <= 4.7); 0: no clamp")
-    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="sampler for the frames")
-    p.add_argument("--num_inference_steps", type=cli.positive_int, default=None,
-                   help="steps of the ddim sampler (default: all T)")
-    p.add_argument("--eta", type=cli.nonnegative_float, default=0.0, help="DDIM's eta: 0 deterministic, 1 like DDPM")
-    p.add_argument("--save_images_step", type=cli.positive_int, default=10, help="sample a frame every N epochs")
-    p.add_argument("--checkpoint_every", type=cli.positive_int, default=10, help="write checkpoint.pt every N epochs")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same machine: same outputs")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, then mps, then cpu")
-    p.add_argument("--resume", action="store_true", help="continue the experiment from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing experiment")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="bf16: autocast the network to bfloat16 (training and sampling); auto: bf16 for "
-                        "image datasets on hardware with native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32")
-    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
-                   help="compile the 2D training step with torch.compile (auto: runs of 5,000+ steps on a CPU; "
-                        "single process only)")
-    p.add_argument("--frame_worker", default="auto", choices=("auto", "on", "off"),
-                   help="make frames in a second process while training (auto: 2D runs on a multi-core CPU)")
-    images = p.add_argument_group("images (--dataset mnist / fashion_mnist)")
-    images.add_argument("--data_dir", default=None,
-                        help="folder of the IDX .gz files (default: data/DATASET; downloaded when missing)")
-    images.add_argument("--class_conditional", action="store_true", default=None,
-                        help="train with labels (10%% dropped: classifier-free guidance); None = off")
-    images.add_argument("--guidance_scale", type=cli.nonnegative_float,
-                        default=3.0, help="classifier-free guidance of the frames of a class-conditional run")
-    images.add_argument("--unet_channels", type=cli.positive_int, default=32,
-                        help="U-Net width at 28x28 (x2 at 14x14 and 7x7)")
-    images.add_argument("--unet_depth", type=cli.positive_int, default=1, help="residual blocks per U-Net level")
-    images.add_argument("--unet_attention", action=argparse.BooleanOptionalAction, default=None,
-                        help="self-attention at 7x7; None = on")
-    p.epilog = "For image datasets, flags not given take these defaults instead: " + ", ".join(
-        f"--{k} {v}" for k, v in IMAGE_DEFAULTS.items()) + "."
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--experiment_name", default="base", help="outputs go to OUT_DIR/EXPERIMENT_NAME")
+    add("--out_dir", default="exps", help="folder that holds the experiments")
+    add("--dataset", default="dino", choices=datasets.DATASETS, help="what to learn to draw")
+    add("--dataset_size", type=cli.positive_int, default=8000, help="training points (2D) or the number of images to use")
+    add("--train_batch_size", type=cli.positive_int, default=128, help="examples per optimizer step")
+    add("--eval_batch_size", type=cli.positive_int, default=1000, help="samples drawn per frame")
+    add("--num_epochs", type=cli.positive_int, default=250, help="passes over the training data")
+    add("--learning_rate", type=cli.positive_float, default=2e-3, help="AdamW learning rate")
+    add("--lr_schedule", default="cosine", choices=("constant", "cosine"), help="cosine: decay the learning rate to 0")
+    add("--low_noise_fraction", type=cli.closed_unit_interval, default=0.5,
+        help="share of training timesteps drawn from the lowest fifth of the T (0: uniform)")
+    add("--min_snr_gamma", type=cli.nonnegative_float, default=0.0,
+        help="weight each timestep's loss by min(SNR, gamma) in x_0 terms (Hang et al. 2023); 0: the simple loss")
+    add("--num_timesteps", type=cli.positive_int, default=200, help="T, the length of the diffusion")
+    add("--beta_schedule", default="quadratic", choices=SCHEDULES, help="how the noise variance grows")
+    add("--beta_start", type=cli.unit_interval, default=1e-4, help="first beta (linear/quadratic/sigmoid)")
+    add("--beta_end", type=cli.unit_interval, default=None,
+        help="last beta; default 0.02 * 1000/T, which ends in noise for any T (the classic: 0.02)")
+    add("--prediction", default="epsilon", choices=PREDICTIONS, help="what the network predicts")
+    add("--embedding_size", type=cli.positive_int, default=128, help="features per embedded scalar")
+    add("--hidden_size", type=cli.positive_int, default=128, help="width of the MLP")
+    add("--hidden_layers", type=cli.positive_int, default=3, help="residual blocks of the MLP")
+    add("--time_embedding", default="sinusoidal", choices=("sinusoidal", "learnable", "linear", "zero"),
+        help="how the MLP sees t (zero: it does not)")
+    add("--input_embedding", default="fourier", choices=("sinusoidal", "learnable", "linear", "identity", "fourier"),
+        help="how the MLP sees x and y (fourier: sinusoidal features of the point along random directions)")
+    add("--input_scale", type=cli.positive_float, default=200.0,
+        help="largest frequency of the fourier / sinusoidal input features (they go down to it / 10000)")
+    add("--ema_decay", type=cli.ema_range, default=0.995, help="EMA of the weights for frames and sampling; 0: off")
+    add("--clip_sample", type=cli.nonnegative_float, default=5.0,
+        help="clamp the predicted x_0 to [-c, c] when sampling, as DDPM does for images (every 2D dataset here "
+             "lies within |x|, |y| <= 4.7); 0: no clamp")
+    add("--sampler", default="ddpm", choices=SAMPLERS, help="sampler for the frames")
+    add("--num_inference_steps", type=cli.positive_int, default=None, help="steps of the ddim sampler (default: all T)")
+    add("--eta", type=cli.nonnegative_float, default=0.0, help="DDIM's eta: 0 deterministic, 1 like DDPM")
+    add("--save_images_step", type=cli.positive_int, default=10, help="sample a frame every N epochs")
+    add("--checkpoint_every", type=cli.positive_int, default=10, help="write checkpoint.pt every N epochs")
+    add("--seed", type=int, default=0, help="same seed, same machine: same outputs")
+    add("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, then mps, then cpu")
+    add("--resume", action="store_true", help="continue the experiment from its checkpoint")
+    add("--overwrite", action="store_true", help="replace an existing experiment")
+    add("--quiet", action="store_true", help="no progress bar")
+    add("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+        help="bf16: autocast the network to bfloat16 (training and sampling); auto: bf16 for image datasets on "
+             "hardware with native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32")
+    add("--compile", default="auto", choices=("auto", "on", "off"),
+        help="compile the 2D training step with torch.compile (auto: runs of 5,000+ steps on a CPU; one process)")
+    add("--frame_worker", default="auto", choices=("auto", "on", "off"),
+        help="make frames in a second process while training (auto: 2D runs on a multi-core CPU)")
+    image_defaults.add_flags(p)
     return p
-
-
-# Defaults measured for 28x28 images on a 2-core CPU (docs/mnist.md), used for the flags a
-# command line does not give when --dataset is an image dataset; 2D keeps the defaults above.
-IMAGE_DEFAULTS = {"dataset_size": 60000, "num_timesteps": 1000, "beta_schedule": "cosine", "clip_sample": 1.0,
-                  "prediction": "v", "min_snr_gamma": 5.0,
-                  "train_batch_size": 64, "learning_rate": 1e-3, "ema_decay": 0.999, "num_epochs": 70,
-                  "sampler": "ddim", "num_inference_steps": 150, "eta": 1.0, "eval_batch_size": 1000,
-                  "save_images_step": 70, "lr_schedule": "constant", "low_noise_fraction": 0.0}
-
-
-def apply_image_defaults(config, given):
-    """config with IMAGE_DEFAULTS for every flag not `given` on the command line, for image datasets."""
-    if not datasets.is_image_dataset(config["dataset"]):
-        return config
-    return {**config, **{k: v for k, v in IMAGE_DEFAULTS.items() if k not in given}}
 
 
 def validate(config, parser):
@@ -637,33 +562,27 @@ def main(argv=None):
     parser = build_parser()
     config = vars(parser.parse_args(argv))  # first: -h prints the help with the defaults
     given = cli.flags_given(parser, argv)
-    config = apply_image_defaults(config, given)
+    config = image_defaults.apply(config, given)
     validate(config, parser)
     device = ddp.pick_device(config["device"])
     config["precision"] = ddp.resolve_precision(config["precision"], datasets.is_image_dataset(config["dataset"]), device)
     rank, world_size = ddp.init_distributed(device)
     exp_dir, config = ddp.on_rank_zero(world_size, lambda: experiment.prepare(config, parser, given))
     if rank == 0:
-        print(f"device: {ddp.pick_device(config['device'], rank)}"
-              + (f" x {world_size} processes (global batch {config['train_batch_size'] * world_size})"
-                 if world_size > 1 else "") + f"; writing to {exp_dir}", flush=True)
+        batch = f" x {world_size} processes (global batch {config['train_batch_size'] * world_size})"
+        print(f"device: {ddp.pick_device(config['device'], rank)}{batch if world_size > 1 else ''}; "
+              f"writing to {exp_dir}", flush=True)
         experiment.write_config(exp_dir, config, world_size)
     try:
         result = train(config, exp_dir, resume=config["resume"], rank=rank, world_size=world_size)
     except (experiment.NonFiniteLoss, CheckpointError) as e:
         sys.exit(f"ddpm.py: error: {e}")
     except OSError as e:  # disk full or folder gone mid-run: the last complete checkpoint is intact
-        sys.exit(f"ddpm.py: error: cannot write the outputs ({e.strerror or e}); "
-                 "the last complete checkpoint.pt is kept")
+        sys.exit(f"ddpm.py: error: cannot write the outputs ({e.strerror or e}); the last complete checkpoint.pt is kept")
     finally:
         ddp.finish(world_size)
     if rank == 0:
-        print(f"done in {result['seconds']:.1f} s ({result['steps']} steps, {result['frames']} frames): "
-              f"final score {result['score']:.5g} (noise floor {result['floor']:.5g}, "
-              f"ratio {result['score'] / result['floor']:.2f}), outputs in {exp_dir}")
-        where = "in a worker process, alongside training" if result["parallel_frames"] else "inline"
-        print(f"time: training loop {result['loop_seconds']:.1f} s; frames {where}: sampling "
-              f"{result['sampling_seconds']:.1f} s, drawing {result['drawing_seconds']:.1f} s")
+        print(experiment.report(result, exp_dir))
     return result
 
 

@@ -2,12 +2,16 @@
 and filled with config.json and the run's outputs, each written atomically.
 """
 import json
+import math
 import os
 import shutil
+import sys
+import time
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 import datasets
 import plotting
@@ -94,3 +98,91 @@ def write_outputs(exp_dir, config, model, ema_model, losses, frames, table):
     atomic_save_npy(os.path.join(exp_dir, "frames.npy"), torch.stack(frames).numpy() if frames else np.zeros(shape))
     atomic_write_text(os.path.join(exp_dir, "metrics.csv"), pd.DataFrame(table).to_csv(index=False, float_format="%.6g"))
     plotting.draw_loss(losses, os.path.join(exp_dir, "loss.png"))
+
+
+class Run:
+    """The bookkeeping around the loop of ddpm.train: its clock and progress bar, the loss check at
+    the end of each epoch, a stop on Ctrl-C, and the outputs at the end. Rank 0 alone writes."""
+
+    def __init__(self, config, exp_dir, ranks, model, ema_model, losses, frames, started, log):
+        self.config, self.exp_dir, self.ranks, self.log = config, exp_dir, ranks, log
+        self.model, self.ema_model, self.losses, self.frames = model, ema_model, losses, frames
+        self.started, self.progress = started, None
+
+    def seconds(self):
+        return time.time() - self.started
+
+    def resume(self, checkpoint):
+        """(epoch, batch, step, perm) to continue from, the checkpoint loaded into the run."""
+        epoch, batch, step, perm, seconds = checkpoint.restore()
+        self.started -= seconds
+        if self.ranks.main:
+            self.log(f"resuming {self.exp_dir} at epoch {epoch}, step {step}")
+        return epoch, batch, step, perm
+
+    def start_progress(self, total_steps, step):
+        self.progress = tqdm(total=total_steps, initial=step, desc=self.config["experiment_name"], unit="step",
+                             mininterval=0.5, dynamic_ncols=True,
+                             disable=self.config.get("quiet", False) or not self.ranks.main)
+
+    def end_of_epoch(self, epoch, step, steps_per_epoch, stop_signal):
+        """(the epoch's mean loss, the stop signal of any rank); one host sync (and under torchrun
+        one all-reduce) per epoch. A non-finite loss stops the run, the last checkpoint kept."""
+        epoch_losses = self.losses[step - steps_per_epoch:step]
+        stop_signal = self.ranks.average_epoch(epoch_losses, stop_signal)  # loss.npy: the ranks' mean
+        epoch_loss = float(epoch_losses.mean())
+        if not math.isfinite(epoch_loss):
+            self.progress.close()
+            if self.frames is not None:
+                self.frames.close()
+            raise NonFiniteLoss(epoch_losses, step - steps_per_epoch, epoch, self.config["learning_rate"])
+        self.progress.update(steps_per_epoch)
+        score = self.frames.latest_score() if self.frames is not None else None
+        if score is not None:
+            self.progress.set_postfix(loss=f"{epoch_loss:.3f}", score=f"{score['score']:.4f}",
+                                      floor=f"{score['floor']:.4f}", refresh=False)
+        return epoch_loss, stop_signal
+
+    def frame_row(self, epoch, step, loss):
+        """The next frame's row of metrics.csv, as known before it is made."""
+        return {"frame": len(self.frames.rows), "epoch": epoch, "step": step, "loss": loss, "seconds": self.seconds()}
+
+    def stop(self, checkpoint, epoch, batch, step, perm, stop, signum=None):
+        """Ctrl-C or SIGTERM: a checkpoint and the outputs so far, then exit 130 / 143."""
+        signum = signum or stop.signal
+        checkpoint.save(epoch, batch, step, perm, self.seconds())
+        if self._write(step) is not None:
+            self.log(f"{stop.name(signum)}: stopped at step {step} (epoch {epoch}); checkpoint written. Continue "
+                     f"with: python ddpm.py --experiment_name {self.config['experiment_name']} "
+                     f"--out_dir {self.config['out_dir']} --resume")
+        sys.exit(stop.exit_status(signum))
+
+    def finish(self, step):
+        """Every output written; the final score and the timings (None on the other ranks)."""
+        written = self._write(step)
+        if written is None:
+            return None
+        table, loop_seconds = written
+        return {**{k: table[-1][k] for k in ("score", "floor", "loss")}, "steps": step, "frames": len(table),
+                "loop_seconds": loop_seconds, "seconds": self.seconds(), "parallel_frames": self.frames.parallel,
+                "sampling_seconds": self.frames.seconds["sampling"], "drawing_seconds": self.frames.seconds["drawing"]}
+
+    def _write(self, step):
+        self.progress.close()
+        if not self.ranks.main:
+            return None
+        frame_list, table = self.frames.finished()
+        self.frames.close()
+        loop_seconds = self.seconds()
+        write_outputs(self.exp_dir, self.config, self.model, self.ema_model, self.losses[:step], frame_list, table)
+        return table, loop_seconds
+
+
+def report(result, exp_dir):
+    """The two lines ddpm.py prints at the end of a run."""
+    where = "in a worker process, alongside training" if result["parallel_frames"] else "inline"
+    return (f"done in {result['seconds']:.1f} s ({result['steps']} steps, {result['frames']} frames): "
+            f"final score {result['score']:.5g} (noise floor {result['floor']:.5g}, "
+            f"ratio {result['score'] / result['floor']:.2f}), outputs in {exp_dir}\n"
+            f"time: training loop {result['loop_seconds']:.1f} s; frames {where}: sampling "
+            f"{result['sampling_seconds']:.1f} s, drawing {result['drawing_seconds']:.1f} s")

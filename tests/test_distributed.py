@@ -118,7 +118,7 @@ def test_compiled_step_falls_back_when_compiling_fails(monkeypatch):
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, reference)]
     messages = []
     config = {"precision": "fp32", "min_snr_gamma": 0.0}
-    step = ddpm.make_optimizer_step(config, model, model, scheduler, optimizers[0], True, messages.append)
+    step = ddpm.make_optimizer_step(config, model, model, scheduler, optimizers[0], messages.append, compiled=True)
     x, noise, t = torch.randn(8, 2), torch.randn(8, 2), torch.randint(0, 10, (8,))
     for _ in range(2):
         step(x, noise, t)

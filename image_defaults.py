@@ -1,0 +1,50 @@
+"""Image runs (--dataset mnist / fashion_mnist): their own flags, and the defaults they take for
+the flags a command line does not give (2D runs keep the defaults of ddpm.py's parser).
+
+The values were measured for 28x28 images on a 2-core CPU (docs/mnist.md). A default that
+depends on another setting gives way to what the user typed: the frame's sampling steps are
+capped at T, the ddpm sampler walks every step, and the one frame is drawn at the last epoch
+however many epochs there are. Only flags the user gave can contradict each other.
+"""
+import argparse
+
+import cli
+import datasets
+
+DEFAULTS = {"dataset_size": 60000, "num_timesteps": 1000, "beta_schedule": "cosine", "clip_sample": 1.0,
+            "prediction": "v", "min_snr_gamma": 5.0,
+            "train_batch_size": 64, "learning_rate": 1e-3, "ema_decay": 0.999, "num_epochs": 70,
+            "sampler": "ddim", "num_inference_steps": 150, "eta": 1.0, "eval_batch_size": 1000,
+            "save_images_step": 70, "lr_schedule": "constant", "low_noise_fraction": 0.0}
+
+
+def add_flags(parser):
+    images = parser.add_argument_group("images (--dataset mnist / fashion_mnist)")
+    images.add_argument("--data_dir", default=None,
+                        help="folder of the IDX .gz files (default: data/DATASET; downloaded when missing)")
+    images.add_argument("--class_conditional", action="store_true", default=None,
+                        help="train with labels (10%% dropped: classifier-free guidance); None = off")
+    images.add_argument("--guidance_scale", type=cli.nonnegative_float, default=3.0,
+                        help="classifier-free guidance of the frames of a class-conditional run")
+    images.add_argument("--unet_channels", type=cli.positive_int, default=32,
+                        help="U-Net width at 28x28 (x2 at 14x14 and 7x7)")
+    images.add_argument("--unet_depth", type=cli.positive_int, default=1, help="residual blocks per U-Net level")
+    images.add_argument("--unet_attention", action=argparse.BooleanOptionalAction, default=None,
+                        help="self-attention at 7x7; None = on")
+    parser.epilog = ("For image datasets, flags not given take these defaults instead: "
+                     + ", ".join(f"--{k} {v}" for k, v in DEFAULTS.items())
+                     + " (the frame's steps at most T; the frame at the last epoch).")
+
+
+def apply(config, given):
+    """config with the image defaults for every flag not `given` on the command line."""
+    if not datasets.is_image_dataset(config["dataset"]):
+        return config
+    config = {**config, **{k: v for k, v in DEFAULTS.items() if k not in given}}
+    if "num_inference_steps" not in given:
+        steps = config["num_inference_steps"]
+        config["num_inference_steps"] = (None if config["sampler"] == "ddpm" or steps is None
+                                         else min(steps, config["num_timesteps"]))
+    if "save_images_step" not in given:
+        config["save_images_step"] = config["num_epochs"]
+    return config
