@@ -43,7 +43,10 @@ from positional_embeddings import RandomDirectionEmbedding, make_embedding
 
 SCHEDULES = ("linear", "quadratic", "cosine", "sigmoid")
 PREDICTIONS = ("epsilon", "x0", "v")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
+SPACINGS = ("uniform", "quadratic", "logsnr", "karras")
+DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpmpp_2m": "quadratic", "dpmpp_2m_sde": "quadratic"}
+DEFAULT_ETA = {"ddim": 0.0, "dpmpp_2m_sde": 0.8}  # measured: docs/samplers.md
 
 
 def default_beta_range(num_timesteps):
@@ -105,6 +108,8 @@ class NoiseScheduler:
         self.posterior_mean_coef1 = buffer(betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod))
         self.posterior_mean_coef2 = buffer((1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod))
         self.posterior_variance = buffer(betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod))
+        # DPM-Solver's time variable: lambda_t = log(alpha_t / sigma_t) = log SNR_t / 2, falling in t
+        self.log_snr = (alphas_cumprod.log() - (1 - alphas_cumprod).log()) / 2              # float64 [T]
 
     @classmethod
     def from_config(cls, config, device="cpu"):
@@ -191,38 +196,84 @@ class NoiseScheduler:
         """One DDIM step x_t -> x_{prev_t} (Song et al. 2021, eq. 12), prev_t < t; prev_t = -1
         means x_0. eta = 0 is deterministic; eta = 1 with prev_t = t - 1 is the DDPM step."""
         x0, eps = self.predict_x0_and_eps(model_output, x_t, t)
-        alpha_bar = self._at(self.alphas_cumprod, t, x_t)
         alpha_bar_prev = (self._at(self.alphas_cumprod, prev_t, x_t) if prev_t[0] >= 0
-                          else torch.ones_like(alpha_bar))
+                          else torch.ones_like(self._at(self.alphas_cumprod, t, x_t)))
+        return self._ddim_update(x0, eps, self._at(self.alphas_cumprod, t, x_t), alpha_bar_prev, eta, noise)
+
+    @staticmethod
+    def _ddim_update(x0, eps, alpha_bar, alpha_bar_prev, eta, noise):
         # eq. 16: sigma_t(eta)
         sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
         direction = (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps
         return alpha_bar_prev.sqrt() * x0 + direction + sigma * noise
 
-    def inference_timesteps(self, num_inference_steps=None):
-        """Descending timesteps to visit: all T, or num_inference_steps evenly spaced."""
-        n = self.num_timesteps if num_inference_steps is None else num_inference_steps
-        return torch.linspace(self.num_timesteps - 1, 0, n, dtype=torch.float64).round().long().tolist()
+    def dpm_solver_step(self, x0, t, prev_t, x_t, last=None, eta=0.0, noise=None):
+        """One DPM-Solver++(2M) step x_t -> x_{prev_t} (Lu et al. 2022, "DPM-Solver++", Algorithm 2),
+        t and prev_t ints. x0 is the network's x_0 at t; last = (t', x0') of the step before.
+        Their update is DDIM's (eta = 0) on x0 extrapolated half a step in lambda_t = log(alpha_t /
+        sigma_t), alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar):
+            D = x0 + (x0 - x0') / (2 r),  r = (lambda_t - lambda_t') / (lambda_{prev_t} - lambda_t)
+        last=None gives the first-order step (DPM-Solver-1 is DDIM). With eta = 1 and noise, DDIM's
+        eta = 1 on the same D: their SDE-DPM-Solver++(2M), whose first-order step is the DDPM step;
+        0 < eta < 1 lies between. prev_t = -1 returns x0 (the last step, first order)."""
+        if prev_t < 0:
+            return x0
+        if last is not None:
+            last_t, last_x0 = last
+            r = float((self.log_snr[t] - self.log_snr[last_t]) / (self.log_snr[prev_t] - self.log_snr[t]))
+            x0 = x0 + (x0 - last_x0) / (2 * r)
+        alpha_bar, alpha_bar_prev = self.alphas_cumprod[t], self.alphas_cumprod[prev_t]
+        eps = (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()  # the eps that goes with D
+        return self._ddim_update(x0, eps, alpha_bar, alpha_bar_prev, eta, 0.0 if noise is None else noise)
+
+    def inference_timesteps(self, num_inference_steps=None, spacing="uniform"):
+        """Descending timesteps to visit: all T, or n of them spaced evenly in t ("uniform"), in
+        sqrt(t) ("quadratic": t ~ (i/n)^2, Song et al. 2021, DDIM's appendix), in lambda_t
+        ("logsnr"), or in sigma^(1/7) with sigma = e^(-lambda_t) ("karras": Karras et al. 2022,
+        eq. 5, rho = 7). All but uniform put more steps at low noise. Timesteps are rounded to
+        integers and moved apart where two would coincide (every step a distinct t)."""
+        T = self.num_timesteps
+        n = T if num_inference_steps is None else num_inference_steps
+        if spacing == "uniform" or n >= T:
+            return torch.linspace(T - 1, 0, n, dtype=torch.float64).round().long().tolist()
+        high, low = float(self.log_snr[-1]), float(self.log_snr[0])  # lambda at t = T-1 and t = 0
+        if spacing == "quadratic":
+            t = ((T - 1) * torch.linspace(1, 0, n, dtype=torch.float64) ** 2).round().long().tolist()
+        elif spacing == "logsnr":
+            targets = torch.linspace(high, low, n, dtype=torch.float64)
+        else:
+            ramp = torch.linspace(math.exp(-high / 7), math.exp(-low / 7), n, dtype=torch.float64)
+            targets = -7 * ramp.log()
+        if spacing in ("logsnr", "karras"):  # lambda falls with t: interpolate t at each target lambda
+            index = torch.searchsorted(-self.log_snr, -targets).clamp(1, T - 1)
+            lo, hi = self.log_snr[index - 1], self.log_snr[index]
+            t = ((index - 1) + (lo - targets) / (lo - hi)).clamp(0, T - 1).round().long().tolist()
+        for k in range(n - 2, -1, -1):  # distinct: each at least one above the next ...
+            t[k] = max(t[k], t[k + 1] + 1)
+        for k in range(n):  # ... and below the one before, within 0 .. T-1
+            t[k] = min(t[k], T - 1 if k == 0 else t[k - 1] - 1)
+        return t
 
 
 def sampling_error(sampler, num_inference_steps, num_timesteps):
     """Why a sampler can't take these steps, in one line; None if it can."""
     if num_inference_steps is not None and num_inference_steps > num_timesteps:
-        return f"--num_inference_steps {num_inference_steps} exceeds --num_timesteps {num_timesteps}"
+        return f"--num_inference_steps {num_inference_steps} exceeds the diffusion's T = {num_timesteps} timesteps"
     if sampler == "ddpm" and num_inference_steps not in (None, num_timesteps):
-        return "the ddpm sampler walks every timestep; use --sampler ddim with --num_inference_steps"
+        return "the ddpm sampler walks every timestep; use another --sampler for fewer --num_inference_steps"
     return None
 
 
 @torch.no_grad()
-def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None, eta=0.0,
-           generator=None, device="cpu", labels=None, guidance_scale=1.0, trajectory=False,
-           precision="fp32"):
+def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None, eta=None, timestep_spacing=None,
+           generator=None, device="cpu", labels=None, guidance_scale=1.0, trajectory=False, precision="fp32"):
     """Run the reverse process from x_T ~ N(0, I) of `shape` [B, ...] and return x_0.
 
     sampler "ddpm" walks all T steps with `step` (num_inference_steps must be None or T);
-    "ddim" walks num_inference_steps with `ddim_step` and its eta. With `labels` [B] the model
-    is class-conditional and guidance_scale w mixes eps = eps_null + w (eps_label - eps_null)
+    "ddim" walks num_inference_steps with `ddim_step` and its eta; "dpmpp_2m" and "dpmpp_2m_sde"
+    (with its eta) with `dpm_solver_step`. Each visits the timesteps `timestep_spacing` picks, one
+    network evaluation a step (None: the sampler's DEFAULT_SPACING, DEFAULT_ETA). With `labels` [B] the
+    model is class-conditional and guidance_scale w mixes eps = eps_null + w (eps_label - eps_null)
     (classifier-free guidance, Ho & Salimans 2022). trajectory=True returns every x_t too.
     precision "bf16" runs the network in bfloat16 (autocast); the update itself stays in fp32.
     """
@@ -231,19 +282,28 @@ def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None,
         raise ValueError(error)
     x = torch.randn(shape, generator=generator, device=device)
     steps = [x] if trajectory else None
-    timesteps = scheduler.inference_timesteps(num_inference_steps)
+    timesteps = scheduler.inference_timesteps(num_inference_steps, timestep_spacing or DEFAULT_SPACING[sampler])
+    eta = DEFAULT_ETA.get(sampler, 0.0) if eta is None else eta
+    last = None  # (t, x0) of the step before, for DPM-Solver++(2M)
     for i, t in enumerate(timesteps):
+        prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             # the network gets t as [1]: one timestep for the whole batch (the MLP embeds it once)
             model_output = model_prediction(model, x, t_batch[:1], labels, guidance_scale).float()
-        noise = torch.randn(shape, generator=generator, device=device) if t > 0 else torch.zeros_like(x)
+        if sampler in ("ddpm", "ddim"):
+            noise = torch.randn(shape, generator=generator, device=device) if t > 0 else torch.zeros_like(x)
+        else:
+            noise = torch.randn(shape, generator=generator, device=device) if sampler == "dpmpp_2m_sde" else None
         if sampler == "ddpm":
             x = scheduler.step(model_output, t_batch, x, noise)
-        else:
-            prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        elif sampler == "ddim":
             prev_batch = torch.full((shape[0],), prev_t, device=device, dtype=torch.long)
             x = scheduler.ddim_step(model_output, t_batch, prev_batch, x, eta, noise)
+        else:  # first order at the first step (no history yet)
+            x0, _ = scheduler.predict_x0_and_eps(model_output, x, t_batch)
+            x = scheduler.dpm_solver_step(x0, t, prev_t, x, last, eta if noise is not None else 0.0, noise)
+            last = (t, x0)
         if trajectory:
             steps.append(x)
     return torch.stack(steps) if trajectory else x
@@ -512,9 +572,15 @@ def build_parser():
     add("--clip_sample", type=cli.nonnegative_float, default=5.0,
         help="clamp the predicted x_0 to [-c, c] when sampling, as DDPM does for images (every 2D dataset here "
              "lies within |x|, |y| <= 4.7); 0: no clamp")
-    add("--sampler", default="ddpm", choices=SAMPLERS, help="sampler for the frames")
-    add("--num_inference_steps", type=cli.positive_int, default=None, help="steps of the ddim sampler (default: all T)")
-    add("--eta", type=cli.nonnegative_float, default=0.0, help="DDIM's eta: 0 deterministic, 1 like DDPM")
+    add("--sampler", default="ddpm", choices=SAMPLERS,
+        help="sampler for the frames: ddpm (all T steps), ddim, dpmpp_2m (DPM-Solver++(2M)) or its SDE form")
+    add("--num_inference_steps", type=cli.positive_int, default=None,
+        help="steps (network evaluations) of the ddim and dpmpp samplers (default: all T)")
+    add("--eta", type=cli.nonnegative_float, default=None,
+        help="noise of ddim and dpmpp_2m_sde: 0 deterministic, 1 like DDPM (default: ddim 0, dpmpp_2m_sde 0.8)")
+    add("--timestep_spacing", default=None, choices=SPACINGS,
+        help="which timesteps a few-step sampler visits: evenly in t, in log-SNR, or Karras et al.'s; "
+             f"default per sampler: {', '.join(f'{k} {v}' for k, v in DEFAULT_SPACING.items())}")
     add("--save_images_step", type=cli.positive_int, default=10, help="sample a frame every N epochs")
     add("--checkpoint_every", type=cli.positive_int, default=10, help="write checkpoint.pt every N epochs")
     add("--seed", type=int, default=0, help="same seed, same machine: same outputs")

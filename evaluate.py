@@ -3,7 +3,9 @@
     python evaluate.py exps/base exps/moons ...    # prints a markdown table, one row per sampler
 
 For each experiment it draws 1,000 samples five times over (seeds 0-4; EMA weights where kept)
-with DDPM over all T steps and with DDIM (eta 0) over 50, 20 and 10 steps, and reports the means of
+with DDPM over all T steps, and with DDIM, DPM-Solver++(2M) and its SDE form over 50, 20
+and 10 steps (network evaluations), each at its default timestep spacing (--sweep: at every
+spacing), and reports the means of
   - the energy-distance score against fresh data and its noise floor (metrics.py),
   - sharpness: mean distance from a sample to its nearest neighbour in 20,000 fresh data
     points, divided by the same figure for 1,000 real points (1.0 = as sharp as the data),
@@ -22,25 +24,35 @@ import metrics
 from checkpoints import CheckpointError
 from sample import load_experiment
 
-SETTINGS = [("ddpm", None), ("ddim", 50), ("ddim", 20), ("ddim", 10)]
+STEPS = (50, 20, 10)
 
 
-def evaluate(experiment_dir, n=1000, num_seeds=5):
+def settings(sweep=False):
+    """[(sampler, steps, spacing)]: DDPM over all T, then each few-step sampler at STEPS."""
+    rows = [("ddpm", None, "uniform")]
+    for sampler in ddpm.SAMPLERS[1:]:
+        spacings = ddpm.SPACINGS if sweep else (ddpm.DEFAULT_SPACING[sampler],)
+        rows += [(sampler, steps, spacing) for spacing in spacings for steps in STEPS]
+    return rows
+
+
+def evaluate(experiment_dir, n=1000, num_seeds=5, sweep=False):
     model, scheduler, config = load_experiment(experiment_dir)
     scorer = metrics.PointScorer(config["dataset"], n, seed=config["seed"])
     reference = datasets.get_dataset(config["dataset"], 20_000, seed=config["seed"] + 30_000)
     real = datasets.get_dataset(config["dataset"], n, seed=config["seed"] + 40_000)
     real_nn = metrics.nearest_neighbour_distance(real, reference)
     rows = []
-    for sampler, steps in SETTINGS:
+    for sampler, steps, spacing in settings(sweep):
         if steps is not None and steps > scheduler.num_timesteps:
             continue
         # one draw of 1,000 samples gives a score anywhere from ~0.7x to ~3x the floor: average seeds
-        draws = [ddpm.sample(model, scheduler, (n, 2), sampler=sampler, num_inference_steps=steps, eta=0.0,
-                             generator=torch.Generator().manual_seed(seed)) for seed in range(num_seeds)]
+        draws = [ddpm.sample(model, scheduler, (n, 2), sampler=sampler, num_inference_steps=steps,
+                             timestep_spacing=spacing, generator=torch.Generator().manual_seed(seed))
+                 for seed in range(num_seeds)]
         scores = [scorer(x) for x in draws]
         row = {"experiment": experiment_dir, "dataset": config["dataset"],
-               "sampler": f"{sampler} {steps or scheduler.num_timesteps} steps",
+               "sampler": f"{sampler} {steps or scheduler.num_timesteps} steps" + (f" ({spacing})" if steps else ""),
                "score": np.mean([s["score"] for s in scores]), "floor": scores[0]["floor"],
                "sharpness": np.mean([metrics.nearest_neighbour_distance(x, reference) for x in draws]) / real_nn}
         if config["dataset"] == "line":
@@ -57,13 +69,14 @@ def main(argv=None):
     parser.add_argument("--num_samples", type=cli.positive_int, default=1000)
     parser.add_argument("--num_seeds", type=cli.positive_int, default=5,
                         help="draws of NUM_SAMPLES per sampler; the figures are their means (line: pooled)")
+    parser.add_argument("--sweep", action="store_true", help="every timestep spacing, not only each sampler's default")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print("| dataset | sampler | score | floor | score / floor | sharpness | line corners | outside |")
     print("|---|---|---|---|---|---|---|---|")
     for experiment in args.experiments:
         try:
-            rows = evaluate(experiment, args.num_samples, args.num_seeds)
+            rows = evaluate(experiment, args.num_samples, args.num_seeds, args.sweep)
         except CheckpointError as e:
             parser.error(str(e))
         for r in rows:

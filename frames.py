@@ -68,6 +68,7 @@ class FrameMaker:
             chunks.append(self.sample(
                 self.model, self.scheduler, (size, *self.shape[1:]), sampler=self.config["sampler"],
                 num_inference_steps=self.config["num_inference_steps"], eta=self.config["eta"],
+                timestep_spacing=self.config.get("timestep_spacing"),
                 generator=generator, device=self.device, labels=labels,
                 guidance_scale=self.config.get("guidance_scale", 1.0),
                 precision=self.config.get("precision", "fp32")).cpu())

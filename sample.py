@@ -32,6 +32,8 @@ def build_parser():
     p.add_argument("--num_inference_steps", type=cli.positive_int, default=None,
                    help="DDIM steps (default: the experiment's, else all T)")
     p.add_argument("--eta", type=cli.nonnegative_float, default=None, help="DDIM's eta (default: the experiment's)")
+    p.add_argument("--timestep_spacing", choices=ddpm.SPACINGS, default=None,
+                   help="timesteps of a few-step sampler (default: the experiment's, else the sampler's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=int, default=None, help="class to draw (class-conditional models)")
     p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance weight")
@@ -81,9 +83,11 @@ def main(argv=None):
     except CheckpointError as e:
         parser.error(str(e))
     sampler = args.sampler or config.get("sampler", "ddpm")
+    same_sampler = args.sampler in (None, config.get("sampler"))  # then the experiment's settings hold
     steps = args.num_inference_steps if args.num_inference_steps is not None else (
-        config.get("num_inference_steps") if args.sampler in (None, config.get("sampler")) else None)
-    eta = args.eta if args.eta is not None else config.get("eta", 0.0)
+        config.get("num_inference_steps") if same_sampler else None)
+    eta = args.eta if args.eta is not None else (config.get("eta") if same_sampler else None)
+    spacing = args.timestep_spacing or (config.get("timestep_spacing") if same_sampler else None)
     error = ddpm.sampling_error(sampler, steps, scheduler.num_timesteps)
     if error:
         parser.error(error)
@@ -105,7 +109,8 @@ def main(argv=None):
             labels = (torch.full((n,), args.label, device=device) if args.label is not None
                       else (torch.arange(start, start + n, device=device) % model.num_classes))
         chunks.append(ddpm.sample(model, scheduler, (n, *shape_tail), sampler=sampler,
-                                  num_inference_steps=steps, eta=eta, generator=generator, device=device,
+                                  num_inference_steps=steps, eta=eta, timestep_spacing=spacing,
+                                  generator=generator, device=device,
                                   labels=labels, guidance_scale=guidance,
                                   precision=config.get("precision", "fp32")).cpu())
     samples = torch.cat(chunks).numpy()

@@ -89,6 +89,7 @@ BAD_FLAGS = [
     ["--prediction", "score"], ["--sampler", "euler"], ["--eta", "-1"], ["--num_inference_steps", "0"],
     ["--num_inference_steps", "100"], ["--sampler", "ddpm", "--num_inference_steps", "10"],
     ["--resume", "--overwrite"], ["--no_such_flag"], ["--dataset", "mnist", "--compile", "on"],
+    ["--timestep_spacing", "cubic"], ["--sampler", "dpmpp_2m", "--num_inference_steps", "201"],
 ]
 
 
@@ -140,3 +141,22 @@ def test_sample_py_reproduces_and_uses_ema(tiny_run, tmp_path):
 def test_sample_py_bad_input(tmp_path):
     assert "config.json" in assert_one_line_error(run_tool("sample.py", tmp_path, "--output", tmp_path / "x.npy"))
     assert "num_samples" in assert_one_line_error(run_tool("sample.py", tmp_path, "--num_samples", "0"))
+
+
+def test_few_step_samplers_make_the_frames_and_sample_py_uses_them(tmp_path):
+    result = train(tmp_path, "sde", *TINY, "--sampler", "dpmpp_2m_sde", "--num_inference_steps", "8",
+                   "--timestep_spacing", "karras")
+    assert result.returncode == 0, result.stderr
+    config, _, frames = outputs(tmp_path / "sde")
+    assert (config["sampler"], config["num_inference_steps"], config["timestep_spacing"]) == ("dpmpp_2m_sde", 8, "karras")
+    assert frames.shape == (3, 64, 2) and np.isfinite(frames).all()
+    # sample.py keeps the experiment's sampler; the deterministic one gives the same samples twice
+    args = [tmp_path / "sde", "--num_samples", "200"]
+    a = run_tool("sample.py", *args, "--output", tmp_path / "a.npy")
+    b = run_tool("sample.py", *args, "--output", tmp_path / "b.npy", "--seed", "1")
+    c = run_tool("sample.py", *args, "--output", tmp_path / "c.npy", "--sampler", "dpmpp_2m")
+    d = run_tool("sample.py", *args, "--output", tmp_path / "d.npy", "--sampler", "dpmpp_2m", "--eta", "1")
+    assert a.returncode == b.returncode == c.returncode == d.returncode == 0, (a.stderr, c.stderr)
+    assert "dpmpp_2m_sde, 8 steps" in a.stdout and "dpmpp_2m, 200 steps" in c.stdout
+    assert not np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    assert np.array_equal(np.load(tmp_path / "c.npy"), np.load(tmp_path / "d.npy"))  # dpmpp_2m has no eta

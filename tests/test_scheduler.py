@@ -151,7 +151,9 @@ class ExactGaussianDenoiser(torch.nn.Module):
 
 
 SAMPLERS = [dict(sampler="ddpm"), dict(sampler="ddim", eta=0.0), dict(sampler="ddim", eta=1.0),
-            dict(sampler="ddim", eta=0.0, num_inference_steps=250)]
+            dict(sampler="ddim", eta=0.0, num_inference_steps=250), dict(sampler="dpmpp_2m", num_inference_steps=50),
+            dict(sampler="dpmpp_2m_sde", num_inference_steps=100),  # its default eta, 0.8
+            dict(sampler="dpmpp_2m_sde", eta=1.0, num_inference_steps=100)]
 
 
 @pytest.mark.parametrize("schedule", ddpm.SCHEDULES)
@@ -259,3 +261,89 @@ def test_mlp_with_a_shared_timestep_equals_the_concatenated_first_layer(input_em
         assert torch.allclose(shared, by_hand, atol=1e-5)
         assert torch.allclose(model(x, torch.full((64,), t)), by_hand, atol=1e-5)
     assert not torch.allclose(model(x, torch.tensor([0])), model(x, torch.tensor([49])), atol=1e-3)
+
+
+def exact_ode_solution(s, x_T, mu, std):
+    """Where the probability-flow ODE takes x_T (at t = T-1) for data N(mu, std^2), then x_0 as the
+    exact denoiser predicts it at t = 0, in closed form: the ODE keeps the standardised value
+    z = (x_t - alpha_t mu) / sqrt(alpha_t^2 std^2 + sigma_t^2) of every point."""
+    a_T, s_T = s.sqrt_alphas_cumprod[-1].double(), s.sqrt_one_minus_alphas_cumprod[-1].double()
+    a_0, s_0 = s.sqrt_alphas_cumprod[0].double(), s.sqrt_one_minus_alphas_cumprod[0].double()
+    z = (x_T.double() - a_T * mu) / (a_T**2 * std**2 + s_T**2).sqrt()
+    x_0 = a_0 * mu + z * (a_0**2 * std**2 + s_0**2).sqrt()
+    return mu + a_0 * std**2 * (x_0 - a_0 * mu) / (a_0**2 * std**2 + s_0**2)
+
+
+def ode_errors(sampler, steps):
+    s = NoiseScheduler(1000, "linear")
+    mu, std = 1.5, 0.5
+    model = ExactGaussianDenoiser(s, mu, std)
+    x_T = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))  # what sample() draws first
+    exact = exact_ode_solution(s, x_T, mu, std)
+    return [float((sample(model, s, (2000, 2), sampler=sampler, num_inference_steps=n, eta=0.0,
+                          timestep_spacing="logsnr", generator=torch.Generator().manual_seed(0)).double()
+                   - exact).abs().max()) for n in steps]
+
+
+def test_dpm_solver_2m_is_second_order_and_ddim_first_order():
+    # The exact denoiser of Gaussian data: the only error left is the discretisation of the ODE.
+    # Doubling the steps divides DPM-Solver++(2M)'s error by ~4 (second order), DDIM's by ~2.
+    steps = (20, 40, 80)
+    dpm, ddim = ode_errors("dpmpp_2m", steps), ode_errors("ddim", steps)
+    dpm_ratios = [dpm[i] / dpm[i + 1] for i in range(2)]
+    ddim_ratios = [ddim[i] / ddim[i + 1] for i in range(2)]
+    assert all(r > 3 for r in dpm_ratios), (dpm, dpm_ratios)
+    assert all(r < 2.5 for r in ddim_ratios), (ddim, ddim_ratios)  # the same check fails for DDIM
+    assert dpm[-1] < 0.05 * ddim[-1]  # and at 80 steps it is far closer
+    assert dpm[-1] < 0.005
+
+
+def test_dpm_solver_first_step_is_ddim():
+    # DPM-Solver-1 is DDIM: without history the 2M step equals DDIM eta = 0, and the SDE form
+    # with eta = 1 equals DDIM eta = 1, i.e. the DDPM posterior draw for prev_t = t - 1
+    s = NoiseScheduler(200, prediction="v", clip_sample=5.0)
+    x_t, output, noise = torch.randn(100, 2), torch.randn(100, 2), torch.randn(100, 2)
+    for t, prev_t in ((199, 150), (80, 79), (5, 0)):
+        tb, pb = torch.full((100,), t), torch.full((100,), prev_t)
+        x0, _ = s.predict_x0_and_eps(output, x_t, tb)
+        torch.testing.assert_close(s.dpm_solver_step(x0, t, prev_t, x_t),
+                                   s.ddim_step(output, tb, pb, x_t, 0.0, noise), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(s.dpm_solver_step(x0, t, prev_t, x_t, eta=1.0, noise=noise),
+                                   s.ddim_step(output, tb, pb, x_t, 1.0, noise), rtol=1e-4, atol=1e-5)
+    tb = torch.full((100,), 80)
+    x0, _ = s.predict_x0_and_eps(output, x_t, tb)
+    torch.testing.assert_close(s.dpm_solver_step(x0, 80, 79, x_t, eta=1.0, noise=noise),
+                               s.step(output, tb, x_t, noise), rtol=1e-4, atol=1e-5)
+    assert torch.equal(s.dpm_solver_step(x0, 80, -1, x_t), x0)  # the last step returns x0
+    # with history the step differs: x0 moved by (x0 - x0') / (2 r)
+    last_x0 = x0 + 0.3
+    second = s.dpm_solver_step(x0, 80, 60, x_t, last=(100, last_x0))
+    r = float((s.log_snr[80] - s.log_snr[100]) / (s.log_snr[60] - s.log_snr[80]))
+    torch.testing.assert_close(second, s.dpm_solver_step(x0 + (x0 - last_x0) / (2 * r), 80, 60, x_t))
+    assert not torch.allclose(second, s.dpm_solver_step(x0, 80, 60, x_t))
+
+
+@pytest.mark.parametrize("schedule", ddpm.SCHEDULES)
+@pytest.mark.parametrize("spacing", ddpm.SPACINGS)
+def test_timestep_spacings_visit_n_distinct_descending_timesteps(schedule, spacing):
+    for T in (10, 200, 1000):
+        s = NoiseScheduler(T, schedule)
+        for n in sorted({1, 2, 3, 10, 20, 50, T - 1, T} & set(range(1, T + 1))):
+            ts = s.inference_timesteps(n, spacing)
+            assert len(ts) == n and ts[0] == T - 1, (T, n, ts)
+            assert all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] >= 0, (T, n, ts)
+            if n > 1:
+                assert ts[-1] == 0, (T, n, ts)
+
+
+def test_spacings_put_their_steps_where_they_say():
+    s = NoiseScheduler(200)
+    assert s.inference_timesteps(10, "uniform") == [199, 177, 155, 133, 111, 88, 66, 44, 22, 0]
+    assert s.inference_timesteps(5, "quadratic") == [199, round(199 * 0.75**2), round(199 * 0.25), round(199 / 16), 0]
+    # logsnr: equal steps in lambda_t wherever rounding to integer timesteps leaves room
+    lam = s.log_snr[s.inference_timesteps(10, "logsnr")]
+    gaps = (lam[1:] - lam[:-1]).numpy()
+    target = float(s.log_snr[0] - s.log_snr[-1]) / 9
+    assert np.allclose(gaps[:6], target, rtol=0.15), gaps
+    # karras: more steps at low noise than logsnr's last step, fewer at high noise
+    assert s.inference_timesteps(10, "karras")[1] > s.inference_timesteps(10, "logsnr")[1]
