@@ -609,11 +609,17 @@ def validate(config, parser):
     end = config["beta_end"] if config["beta_end"] is not None else end
     if config["beta_schedule"] != "cosine" and start > end:
         parser.error(f"--beta_start {start:g} is larger than --beta_end {end:g}")
-    if config["embedding_size"] % 2 and "sinusoidal" in (config["time_embedding"], config["input_embedding"]):
+    is_image = datasets.is_image_dataset(config["dataset"])
+    if is_image:  # the U-Net's GroupNorm and attention heads divide the channels
+        try:
+            build_model(config)
+        except Exception as e:  # ValueError from GroupNorm, ZeroDivisionError below 4 channels, ...
+            parser.error(f"no U-Net with --unet_channels {config['unet_channels']} ({str(e).splitlines()[0]})")
+    elif config["embedding_size"] % 2 and "sinusoidal" in (config["time_embedding"], config["input_embedding"]):
         parser.error(f"--embedding_size must be even for sinusoidal embeddings, got {config['embedding_size']}")
     if config["resume"] and config["overwrite"]:
         parser.error("--resume and --overwrite exclude each other")
-    if config["compile"] == "on" and datasets.is_image_dataset(config["dataset"]):
+    if config["compile"] == "on" and is_image:
         # the U-Net's step took minutes to compile on a CPU in fp32 and failed under bf16
         parser.error("--compile on is for the 2D MLP; image runs train with the eager step")
     try:
@@ -624,12 +630,19 @@ def validate(config, parser):
         parser.error(ddp.device_error(config["device"]))
 
 
-def main(argv=None):
+def parse_config(argv=None):
+    """(config, flags given on the command line, parser): the flags, the image defaults for those
+    not given, checked; a bad one exits with one line and status 2."""
     parser = build_parser()
     config = vars(parser.parse_args(argv))  # first: -h prints the help with the defaults
     given = cli.flags_given(parser, argv)
     config = image_defaults.apply(config, given)
     validate(config, parser)
+    return config, given, parser
+
+
+def main(argv=None):
+    config, given, parser = parse_config(argv)
     device = ddp.pick_device(config["device"])
     config["precision"] = ddp.resolve_precision(config["precision"], datasets.is_image_dataset(config["dataset"]), device)
     rank, world_size = ddp.init_distributed(device)

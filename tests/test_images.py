@@ -13,6 +13,7 @@ import datasets
 import ddp
 import ddpm
 import image_data
+import image_defaults
 import unet
 from conftest import ROOT, SHARED_DATA
 
@@ -229,3 +230,58 @@ def test_corrupt_data_exits_2_with_one_line(tmp_path, tiny_dir):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "train-images-idx3-ubyte.gz" in result.stderr
+
+
+# Every image flag alone on the command line, beside --dataset mnist: it works with the other image
+# defaults (derived ones give way: the frame's steps at most T, ddpm walks every step, the frame at the
+# last epoch), or it is a one-line error that names only flags the user gave.
+IMAGE_FLAG_VALUES = {
+    "dataset_size": ["1", "100"], "num_timesteps": ["1", "20", "100", "149", "5000"],
+    "beta_schedule": ["linear", "quadratic", "sigmoid", "cosine"], "beta_start": ["0.5"], "beta_end": ["1e-5"],
+    "clip_sample": ["0", "3"], "prediction": ["epsilon", "x0", "v"], "min_snr_gamma": ["0", "1"],
+    "train_batch_size": ["1", "10000"], "learning_rate": ["1e-5"], "ema_decay": ["0", "0.5"],
+    "num_epochs": ["1", "200"], "sampler": ["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"],
+    "num_inference_steps": ["1", "20", "1000", "1001"], "eta": ["0", "1"], "timestep_spacing": ["karras"],
+    "eval_batch_size": ["1", "64"], "save_images_step": ["1", "1000"], "lr_schedule": ["constant", "cosine"],
+    "low_noise_fraction": ["0.5"], "guidance_scale": ["0", "7"], "unet_channels": ["4", "8", "36", "2"],
+    "unet_depth": ["2"], "embedding_size": ["7"], "hidden_size": ["16"], "input_embedding": ["identity"],
+}
+IMAGE_SWITCHES = ["--class_conditional", "--no-unet_attention", "--unet_attention"]
+CASES = [[f"--{flag}", value] for flag, values in IMAGE_FLAG_VALUES.items() for value in values]
+
+
+@pytest.mark.parametrize("flags", CASES + [[s] for s in IMAGE_SWITCHES], ids=lambda f: " ".join(f))
+def test_each_image_flag_alone_works_or_names_only_itself(flags, tiny_dir, capsys):
+    argv = ["--dataset", "mnist", "--data_dir", tiny_dir, *flags]
+    try:
+        config, given, _ = ddpm.parse_config(argv)
+    except SystemExit as e:
+        assert e.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("ddpm.py: error:"), err
+        named = {word.strip("(),:;.'").split("=")[0] for word in err.split() if word.startswith("--")}
+        assert named <= {flags[0], "--dataset", "--data_dir"}, err
+        return
+    flag = flags[0].lstrip("-").replace("no-", "")
+    assert flag in given
+    steps = config["num_inference_steps"]
+    assert steps is None or steps <= config["num_timesteps"]
+    assert config["save_images_step"] <= config["num_epochs"] or flag == "save_images_step"
+    for key, value in image_defaults.DEFAULTS.items():  # what the user did not touch keeps its image default
+        if key not in given and key not in ("num_inference_steps", "save_images_step"):
+            assert config[key] == value, key
+
+
+def test_image_flags_that_contradict_each_other_are_errors(tiny_dir, capsys):
+    for flags, named in ((["--num_timesteps", "100", "--num_inference_steps", "150"], "--num_inference_steps"),
+                         (["--sampler", "ddpm", "--num_inference_steps", "10"], "--sampler")):
+        with pytest.raises(SystemExit):
+            ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, *flags])
+        assert named in capsys.readouterr().err
+    # derived defaults adapt: a short diffusion caps the frame's steps, ddpm walks all of them
+    config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--num_timesteps", "20"])
+    assert config["num_inference_steps"] == 20
+    config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--sampler", "ddpm"])
+    assert config["num_inference_steps"] is None
+    config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--num_epochs", "100"])
+    assert config["save_images_step"] == 100  # one frame, at the end
