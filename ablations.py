@@ -1,7 +1,7 @@
 """The classic tiny-diffusion's eight ablation studies, reproduced with numbers.
 
     python ablations.py learning_rate     # train that study's runs, draw static/learning_rate.png
-    python ablations.py all               # every study and every figure, plus static/ablations.md
+    python ablations.py all               # every study and figure; the tables into docs/ablations.md
     python ablations.py -h                # the studies and their values
 
 Each study changes one flag of the CLASSIC configuration (the one the classic's claims are
@@ -13,6 +13,7 @@ a time) under exps/ablations/<run>/; a finished run is skipped, an interrupted o
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -296,24 +297,15 @@ def study_table(study, runs, out_dir):
 
 
 def write_tables(studies, overrides, out_dir, path):
-    def as_flags(config):
-        return " ".join(f"--{k} {v}" for k, v in config.items()) or "nothing"
-    ours = {k: v for k, v in default_config().items() if k in CLASSIC and CLASSIC[k] != v}
-    text = ["# Ablations", "",
-            "Written by `python ablations.py all`. Each study changes one flag of the classic configuration",
-            f"(`{as_flags(CLASSIC)}`" + (f"; here with `{as_flags(overrides)}`" if overrides else "") + ").",
-            "The last row of each table, ours (default), is plain `python ddpm.py --dataset dino`; its",
-            f"defaults differ from the classic in `{as_flags(ours)}` (None: beta range scaled by 1000 / T).",
-            "Score: energy distance between 1,000 samples and fresh data at the last epoch (lower is better);",
-            "floor: the score two fresh samples of the data get, the best possible. Final mean loss: the last",
-            "epoch's mean training loss. Training seconds: wall time of the run (one thread, two runs at once).",
-            "ᾱ_T: what is left of the data at the end of the forward process (0 = pure noise, where sampling starts).",
-            "nn distance: mean distance from a sample to the nearest of 10,000 fresh data points (sharpness; in",
-            "brackets the same for 1,000 fresh data points, the best possible).",
-            ""]
-    text += [study_table(study, study_runs(study, overrides), out_dir) for study in studies]
+    """Each study's table into `path` between its markers <!-- table: STUDY --> and <!-- /table -->
+    (docs/ablations.md keeps its prose around them); a new file of the tables where there is none."""
+    text = open(path).read() if os.path.exists(path) else "# Ablation tables\n\nWritten by `python ablations.py all`.\n"
+    for study in studies:
+        table = f"<!-- table: {study} -->\n{study_table(study, study_runs(study, overrides), out_dir)}<!-- /table -->"
+        pattern = re.compile(rf"<!-- table: {study} -->.*?<!-- /table -->", re.S)
+        text = pattern.sub(lambda _: table, text) if pattern.search(text) else text + "\n" + table + "\n"
     with open(path, "w") as f:
-        f.write("\n".join(text))
+        f.write(text)
 
 
 # ---------------------------------------------------------------------------------------
@@ -355,7 +347,7 @@ def build_parser():
     p = cli.ArgumentParser(description="Run the ablation studies of tiny-diffusion and draw their grids.",
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog=f"studies (each also gets a row '{OURS}'):\n{listing}\n  all                "
-                                   "every study, forward.png, reverse.png, animation.gif, ablations.md")
+                                   "every study, forward.png, reverse.png, animation.gif, the tables of docs/ablations.md")
     p.add_argument("study", help="a study name (below) or 'all'")
     p.add_argument("--jobs", type=cli.positive_int, default=os.cpu_count() or 1, help="trainings at once")
     p.add_argument("--force", action="store_true", help="retrain runs whose outputs exist")
@@ -383,10 +375,11 @@ def main(argv=None):
         path = os.path.join(args.static_dir, f"{study}.png")
         draw_study(study, study_runs(study, overrides), args.out_dir, path)
         print(f"wrote {path}", flush=True)
-    if args.study == "all":
-        write_tables(studies, overrides, args.out_dir, os.path.join(args.static_dir, "ablations.md"))
+    if args.study == "all":  # the tables into docs/ablations.md; a --quick smoke test's beside its figures
+        tables = os.path.join(args.static_dir, "ablations.md") if args.quick else os.path.join(HERE, "docs", "ablations.md")
+        write_tables(studies, overrides, args.out_dir, tables)
         draw_pictures(args.out_dir, args.static_dir)
-        print(f"wrote {args.static_dir}/ablations.md, forward.png, reverse.png, animation.gif", flush=True)
+        print(f"wrote {tables}, {args.static_dir}/forward.png, reverse.png, animation.gif", flush=True)
     print(f"done in {time.time() - started:.0f} s" + (f"; {len(errors)} runs failed: {', '.join(errors)}"
                                                      if errors else ""), flush=True)
     return errors

@@ -156,3 +156,15 @@ def test_a_run_from_before_a_flag_existed_is_not_stale_when_it_matches_the_old_b
     assert ablations.run_state(exp, flags) == "done"
     # the same old run is stale for a configuration that uses the new behaviour
     assert ablations.run_state(exp, {**flags, "lr_schedule": "cosine"}) == "overwrite"
+
+
+def test_tables_go_between_their_markers_and_the_prose_stays(tmp_path):
+    doc = tmp_path / "ablations.md"
+    doc.write_text("# Ablations\n\nProse about rates.\n\n<!-- table: learning_rate -->\nOLD TABLE\n<!-- /table -->\n\n"
+                   "More prose.\n")
+    ablations.write_tables(["learning_rate", "hidden_size"], {}, str(tmp_path / "runs"), str(doc))
+    text = doc.read_text()
+    assert "Prose about rates." in text and "More prose." in text and "OLD TABLE" not in text
+    assert text.count("<!-- table: learning_rate -->") == 1 and text.count("<!-- table: hidden_size -->") == 1
+    assert text.index("### learning_rate") < text.index("More prose.") < text.index("### hidden_size")
+    assert "| 0.01 | not run |" in text  # no runs in that folder
