@@ -33,6 +33,7 @@ import datasets
 import ddp
 import experiment
 import image_defaults
+import timestep_spacing
 from checkpoints import Checkpointer, CheckpointError, StopRequest
 from frames import Frames
 from positional_embeddings import RandomDirectionEmbedding, make_embedding
@@ -44,7 +45,7 @@ from positional_embeddings import RandomDirectionEmbedding, make_embedding
 SCHEDULES = ("linear", "quadratic", "cosine", "sigmoid")
 PREDICTIONS = ("epsilon", "x0", "v")
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
-SPACINGS = ("uniform", "quadratic", "logsnr", "karras")
+SPACINGS = ("uniform",) + timestep_spacing.SPACINGS
 DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpmpp_2m": "quadratic", "dpmpp_2m_sde": "quadratic"}
 DEFAULT_ETA = {"ddim": 0.0, "dpmpp_2m_sde": 0.8}  # measured: docs/samplers.md
 
@@ -110,13 +111,6 @@ class NoiseScheduler:
         self.posterior_variance = buffer(betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod))
         # DPM-Solver's time variable: lambda_t = log(alpha_t / sigma_t) = log SNR_t / 2, falling in t
         self.log_snr = (alphas_cumprod.log() - (1 - alphas_cumprod).log()) / 2              # float64 [T]
-
-    @classmethod
-    def from_config(cls, config, device="cpu"):
-        # configs from before --clip_sample: images clipped at 1, 2D points not at all
-        clip = config.get("clip_sample", 1.0 if datasets.is_image_dataset(config["dataset"]) else 0.0)
-        return cls(config["num_timesteps"], config["beta_schedule"], config.get("beta_start"),
-                   config.get("beta_end"), config.get("prediction", "epsilon"), clip or None, device)
 
     @staticmethod
     def _at(coefficients, t, x):
@@ -227,32 +221,13 @@ class NoiseScheduler:
         return self._ddim_update(x0, eps, alpha_bar, alpha_bar_prev, eta, 0.0 if noise is None else noise)
 
     def inference_timesteps(self, num_inference_steps=None, spacing="uniform"):
-        """Descending timesteps to visit: all T, or n of them spaced evenly in t ("uniform"), in
-        sqrt(t) ("quadratic": t ~ (i/n)^2, Song et al. 2021, DDIM's appendix), in lambda_t
-        ("logsnr"), or in sigma^(1/7) with sigma = e^(-lambda_t) ("karras": Karras et al. 2022,
-        eq. 5, rho = 7). All but uniform put more steps at low noise. Timesteps are rounded to
-        integers and moved apart where two would coincide (every step a distinct t)."""
+        """Descending timesteps to visit: all T, or n of them evenly spaced in t ("uniform"), or
+        spaced to put more of them at low noise (timestep_spacing.py)."""
         T = self.num_timesteps
         n = T if num_inference_steps is None else num_inference_steps
         if spacing == "uniform" or n >= T:
             return torch.linspace(T - 1, 0, n, dtype=torch.float64).round().long().tolist()
-        high, low = float(self.log_snr[-1]), float(self.log_snr[0])  # lambda at t = T-1 and t = 0
-        if spacing == "quadratic":
-            t = ((T - 1) * torch.linspace(1, 0, n, dtype=torch.float64) ** 2).round().long().tolist()
-        elif spacing == "logsnr":
-            targets = torch.linspace(high, low, n, dtype=torch.float64)
-        else:
-            ramp = torch.linspace(math.exp(-high / 7), math.exp(-low / 7), n, dtype=torch.float64)
-            targets = -7 * ramp.log()
-        if spacing in ("logsnr", "karras"):  # lambda falls with t: interpolate t at each target lambda
-            index = torch.searchsorted(-self.log_snr, -targets).clamp(1, T - 1)
-            lo, hi = self.log_snr[index - 1], self.log_snr[index]
-            t = ((index - 1) + (lo - targets) / (lo - hi)).clamp(0, T - 1).round().long().tolist()
-        for k in range(n - 2, -1, -1):  # distinct: each at least one above the next ...
-            t[k] = max(t[k], t[k + 1] + 1)
-        for k in range(n):  # ... and below the one before, within 0 .. T-1
-            t[k] = min(t[k], T - 1 if k == 0 else t[k - 1] - 1)
-        return t
+        return timestep_spacing.spaced(self.log_snr, n, spacing)
 
 
 def sampling_error(sampler, num_inference_steps, num_timesteps):
@@ -291,10 +266,8 @@ def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None,
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             # the network gets t as [1]: one timestep for the whole batch (the MLP embeds it once)
             model_output = model_prediction(model, x, t_batch[:1], labels, guidance_scale).float()
-        if sampler in ("ddpm", "ddim"):
-            noise = torch.randn(shape, generator=generator, device=device) if t > 0 else torch.zeros_like(x)
-        else:
-            noise = torch.randn(shape, generator=generator, device=device) if sampler == "dpmpp_2m_sde" else None
+        stochastic = t > 0 and sampler != "dpmpp_2m"  # ddpm and ddim draw noise at eta = 0 too, as they always did
+        noise = torch.randn(shape, generator=generator, device=device) if stochastic else torch.zeros_like(x)
         if sampler == "ddpm":
             x = scheduler.step(model_output, t_batch, x, noise)
         elif sampler == "ddim":
@@ -302,7 +275,7 @@ def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None,
             x = scheduler.ddim_step(model_output, t_batch, prev_batch, x, eta, noise)
         else:  # first order at the first step (no history yet)
             x0, _ = scheduler.predict_x0_and_eps(model_output, x, t_batch)
-            x = scheduler.dpm_solver_step(x0, t, prev_t, x, last, eta if noise is not None else 0.0, noise)
+            x = scheduler.dpm_solver_step(x0, t, prev_t, x, last, eta if sampler == "dpmpp_2m_sde" else 0.0, noise)
             last = (t, x0)
         if trajectory:
             steps.append(x)
@@ -310,6 +283,7 @@ def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None,
 
 
 def model_prediction(model, x, t, labels=None, guidance_scale=1.0):
+    """The network's output at (x, t), with classifier-free guidance when labels are given."""
     if labels is None:
         return model(x, t)
     if guidance_scale == 1.0:
@@ -386,7 +360,11 @@ def build_model(config):
 
 
 def build_scheduler(config, device="cpu"):
-    return NoiseScheduler.from_config(config, device)
+    """The NoiseScheduler described by a config dict; configs from before --clip_sample clipped
+    images at 1 and 2D points not at all."""
+    clip = config.get("clip_sample", 1.0 if datasets.is_image_dataset(config["dataset"]) else 0.0)
+    return NoiseScheduler(config["num_timesteps"], config["beta_schedule"], config.get("beta_start"),
+                          config.get("beta_end"), config.get("prediction", "epsilon"), clip or None, device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -540,8 +518,6 @@ def build_parser():
     p = cli.ArgumentParser(prog="ddpm.py", description="Train a denoising diffusion model (DDPM) on 2D points or images.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--experiment_name", default="base", help="outputs go to OUT_DIR/EXPERIMENT_NAME")
-    add("--out_dir", default="exps", help="folder that holds the experiments")
     add("--dataset", default="dino", choices=datasets.DATASETS, help="what to learn to draw")
     add("--dataset_size", type=cli.positive_int, default=8000, help="training points (2D) or the number of images to use")
     add("--train_batch_size", type=cli.positive_int, default=128, help="examples per optimizer step")
@@ -582,52 +558,32 @@ def build_parser():
         help="which timesteps a few-step sampler visits: evenly in t, in log-SNR, or Karras et al.'s; "
              f"default per sampler: {', '.join(f'{k} {v}' for k, v in DEFAULT_SPACING.items())}")
     add("--save_images_step", type=cli.positive_int, default=10, help="sample a frame every N epochs")
-    add("--checkpoint_every", type=cli.positive_int, default=10, help="write checkpoint.pt every N epochs")
     add("--seed", type=int, default=0, help="same seed, same machine: same outputs")
-    add("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, then mps, then cpu")
-    add("--resume", action="store_true", help="continue the experiment from its checkpoint")
-    add("--overwrite", action="store_true", help="replace an existing experiment")
-    add("--quiet", action="store_true", help="no progress bar")
-    add("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-        help="bf16: autocast the network to bfloat16 (training and sampling); auto: bf16 for image datasets on "
-             "hardware with native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32")
-    add("--compile", default="auto", choices=("auto", "on", "off"),
-        help="compile the 2D training step with torch.compile (auto: runs of 5,000+ steps on a CPU; one process)")
-    add("--frame_worker", default="auto", choices=("auto", "on", "off"),
-        help="make frames in a second process while training (auto: 2D runs on a multi-core CPU)")
+    experiment.add_flags(p)
     image_defaults.add_flags(p)
     return p
 
 
 def validate(config, parser):
     """Checks between flags, before any work: one line and exit status 2 for the first that fails."""
-    error = sampling_error(config["sampler"], config["num_inference_steps"], config["num_timesteps"])
-    if error:
-        parser.error(error)
+    is_image = datasets.is_image_dataset(config["dataset"])
     start, end = default_beta_range(config["num_timesteps"])
     start = config["beta_start"] if config["beta_start"] is not None else start
     end = config["beta_end"] if config["beta_end"] is not None else end
-    if config["beta_schedule"] != "cosine" and start > end:
-        parser.error(f"--beta_start {start:g} is larger than --beta_end {end:g}")
-    is_image = datasets.is_image_dataset(config["dataset"])
-    if is_image:  # the U-Net's GroupNorm and attention heads divide the channels
-        try:
-            build_model(config)
-        except Exception as e:  # ValueError from GroupNorm, ZeroDivisionError below 4 channels, ...
-            parser.error(f"no U-Net with --unet_channels {config['unet_channels']} ({str(e).splitlines()[0]})")
-    elif config["embedding_size"] % 2 and "sinusoidal" in (config["time_embedding"], config["input_embedding"]):
-        parser.error(f"--embedding_size must be even for sinusoidal embeddings, got {config['embedding_size']}")
-    if config["resume"] and config["overwrite"]:
-        parser.error("--resume and --overwrite exclude each other")
-    if config["compile"] == "on" and is_image:
-        # the U-Net's step took minutes to compile on a CPU in fp32 and failed under bf16
-        parser.error("--compile on is for the 2D MLP; image runs train with the eager step")
-    try:
-        datasets.check_available(config)
-    except datasets.DataError as e:
-        parser.error(str(e))
-    if ddp.device_error(config["device"]):
-        parser.error(ddp.device_error(config["device"]))
+    sinusoidal = "sinusoidal" in (config["time_embedding"], config["input_embedding"])
+    for failed, message in [  # --compile on for images: the U-Net's step compiled for minutes, and not in bf16
+        (config["beta_schedule"] != "cosine" and start > end, f"--beta_start {start:g} is larger than --beta_end {end:g}"),
+        (not is_image and sinusoidal and config["embedding_size"] % 2,
+         f"--embedding_size must be even for sinusoidal embeddings, got {config['embedding_size']}"),
+        (config["resume"] and config["overwrite"], "--resume and --overwrite exclude each other"),
+        (is_image and config["compile"] == "on", "--compile on is for the 2D MLP; image runs train with the eager step"),
+    ]:
+        if failed:
+            parser.error(message)
+    error = (sampling_error(config["sampler"], config["num_inference_steps"], config["num_timesteps"])
+             or (is_image and image_defaults.model_error(config)) or experiment.environment_error(config))
+    if error:
+        parser.error(error)
 
 
 def parse_config(argv=None):

@@ -13,11 +13,33 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+import cli
 import datasets
+import ddp
 import plotting
 from checkpoints import atomic_save, atomic_save_npy, atomic_write_text
 
 RUN_FLAGS = ("resume", "overwrite", "quiet", "device", "frame_worker", "compile")  # how to run, not what to train
+
+
+def add_flags(parser):
+    """The flags that say how a run is run (RUN_FLAGS) and where its outputs go, not what it trains."""
+    group = parser.add_argument_group("running: outputs, resuming, device, speed")
+    add = group.add_argument
+    add("--experiment_name", default="base", help="outputs go to OUT_DIR/EXPERIMENT_NAME")
+    add("--out_dir", default="exps", help="folder that holds the experiments")
+    add("--checkpoint_every", type=cli.positive_int, default=10, help="write checkpoint.pt every N epochs")
+    add("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, then mps, then cpu")
+    add("--resume", action="store_true", help="continue the experiment from its checkpoint")
+    add("--overwrite", action="store_true", help="replace an existing experiment")
+    add("--quiet", action="store_true", help="no progress bar")
+    add("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+        help="bf16: autocast the network to bfloat16 (training and sampling); auto: bf16 for image datasets on "
+             "hardware with native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32")
+    add("--compile", default="auto", choices=("auto", "on", "off"),
+        help="compile the 2D training step with torch.compile (auto: runs of 5,000+ steps on a CPU; one process)")
+    add("--frame_worker", default="auto", choices=("auto", "on", "off"),
+        help="make frames in a second process while training (auto: 2D runs on a multi-core CPU)")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -26,6 +48,15 @@ class NonFiniteLoss(RuntimeError):
         super().__init__(f"the loss became non-finite at step {bad} (epoch {epoch}); the learning rate "
                          f"{learning_rate:g} is probably too high (or the data has NaN/inf). "
                          "Nothing after the last good checkpoint was written.")
+
+
+def environment_error(config):
+    """Why this run can't start on this machine (its data, its device), in one line; None if it can."""
+    try:
+        datasets.check_available(config)
+    except datasets.DataError as e:
+        return str(e)
+    return ddp.device_error(config["device"])
 
 
 def prepare(config, parser, given):

@@ -48,3 +48,14 @@ def apply(config, given):
     if "save_images_step" not in given:
         config["save_images_step"] = config["num_epochs"]
     return config
+
+
+def model_error(config):
+    """Why the U-Net of these flags can't be built (its GroupNorm and attention heads divide the
+    channels), in one line; None if it can."""
+    import unet
+    try:
+        unet.build_unet(config)
+    except Exception as e:  # ValueError from GroupNorm, ZeroDivisionError below 4 channels, ...
+        return f"no U-Net with --unet_channels {config['unet_channels']} ({str(e).splitlines()[0]})"
+    return None

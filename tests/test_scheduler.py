@@ -102,11 +102,11 @@ def test_clip_sample_bounds_x0_and_keeps_eps_consistent_with_x_t(prediction):
 
 def test_clip_sample_from_the_config():
     config = vars(ddpm.build_parser().parse_args([]))
-    assert NoiseScheduler.from_config(config).clip_sample == 5.0
+    assert ddpm.build_scheduler(config).clip_sample == 5.0
     config["clip_sample"] = 0.0
-    assert NoiseScheduler.from_config(config).clip_sample is None
+    assert ddpm.build_scheduler(config).clip_sample is None
     del config["clip_sample"]  # an experiment written before the flag: no clamp for 2D, as it was trained
-    assert NoiseScheduler.from_config(config).clip_sample is None
+    assert ddpm.build_scheduler(config).clip_sample is None
 
 
 def test_ddim_with_eta_1_is_the_ddpm_step():
