@@ -137,6 +137,14 @@ def find_idx_files(config, fetch=True):
     return found
 
 
+def count_images(config, split="train"):
+    """How many images a split holds (its label file's length), or None if its files are not at hand."""
+    try:
+        return len(read_idx(find_idx_files(config, fetch=False)[IDX_FILES[split][1]]))
+    except DataError:
+        return None
+
+
 def load_images(config, split="train"):
     """(images [N, 1, 28, 28] float32 in [-1, 1], labels [N] long) of one split."""
     files = find_idx_files(config)

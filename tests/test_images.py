@@ -285,3 +285,7 @@ def test_image_flags_that_contradict_each_other_are_errors(tiny_dir, capsys):
     assert config["num_inference_steps"] is None
     config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--num_epochs", "100"])
     assert config["save_images_step"] == 100  # one frame, at the end
+    # the epochs show the network the same number of images whatever the size of the training set
+    for flags, images in (([], 200), (["--dataset_size", "100"], 100), (["--dataset_size", "5000"], 200)):
+        config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, *flags])
+        assert config["num_epochs"] == image_defaults.IMAGES_SEEN // images == config["save_images_step"]
