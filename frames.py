@@ -60,10 +60,11 @@ class FrameMaker:
         self.model.load_state_dict(state_dict)
         generator = frame_generator(self.config["seed"], frame_index, self.device)
         n, chunks = self.shape[0], []
+        conditional = bool(getattr(self.model, "num_classes", None))
         for start in range(0, n, self.chunk):
             size = min(self.chunk, n - start)
             labels = None
-            if getattr(self.model, "num_classes", None):  # class-conditional: an even spread of labels
+            if conditional:  # an even spread of labels
                 labels = torch.arange(start, start + size, device=self.device) % self.model.num_classes
             chunks.append(self.sample(
                 self.model, self.scheduler, (size, *self.shape[1:]), sampler=self.config["sampler"],
@@ -73,7 +74,8 @@ class FrameMaker:
                 guidance_scale=self.config.get("guidance_scale", 1.0),
                 precision=self.config.get("precision", "fp32")).cpu())
         x = torch.cat(chunks)
-        score = self.scorer(x)
+        # class-conditional: the score also says how often the classifier agrees with the requested label
+        score = self.scorer(x, torch.arange(n) % self.model.num_classes) if conditional else self.scorer(x)
         sampled = time.perf_counter()
         self.drawer.draw(x.numpy(), os.path.join(self.images, f"{frame_index:04d}.png"), f"epoch {epoch + 1}")
         return frame_index, x, score, {"sampling": sampled - tic, "drawing": time.perf_counter() - sampled}

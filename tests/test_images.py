@@ -205,6 +205,7 @@ def test_tiny_image_run_writes_every_output(tiny_dir, tmp_path):
     # --precision auto is resolved before config.json is written: what the run used, for this machine
     assert config["precision"] == ddp.resolve_precision("auto", True, "cpu") in ("fp32", "bf16")
     assert len((exp / "metrics.csv").read_text().strip().splitlines()) == 3
+    assert "agreement" in (exp / "metrics.csv").read_text().splitlines()[0]  # class-conditional frames
     model = ddpm.build_model(config)
     model.load_state_dict(torch.load(exp / "model_ema.pth", weights_only=True))
     assert model.num_classes == 10
