@@ -3,6 +3,8 @@ both, and the ablation grids (rows = a hyperparameter's values, columns = epochs
 
 Every 2D panel uses the same axes as the frames of ddpm.py ([-6, 6]^2), so cells compare.
 """
+import json
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -124,3 +126,27 @@ def draw_animation(forward, reverse, path, max_frames=60, fps=15, hold=10):
     FuncAnimation(fig, update, frames=len(shots), blit=False).save(path, writer=PillowWriter(fps=fps))
     plt.close(fig)
     return len(shots)
+
+
+def draw_image_runs(unconditional_dir, conditional_dir, path, n=10):
+    """Two grids side by side from the last frames of two image runs: n x n unconditional samples,
+    and n samples of each digit 0-9 of a class-conditional run (its frame asks for label i % 10)."""
+    from plotting import image_grid
+    left = np.load(f"{unconditional_dir}/frames.npy")[-1][: n * n, 0]                  # [n*n, 28, 28]
+    right = np.load(f"{conditional_dir}/frames.npy")[-1][:, 0]
+    rows = np.stack([right[digit::10][:n] for digit in range(10)]).reshape(-1, *right.shape[1:])
+    guidance = json.load(open(f"{conditional_dir}/config.json")).get("guidance_scale")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.3), dpi=DPI)
+    for ax, images, title in ((axes[0], left, "unconditional"),
+                              (axes[1], rows, f"class-conditional, guidance {guidance:g}: rows 0-9")):
+        ax.imshow(image_grid(images, ncols=n), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # python figures.py RUN_DIR COND_RUN_DIR static/mnist.png
+    import sys
+    draw_image_runs(*sys.argv[1:4])
