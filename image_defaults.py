@@ -13,7 +13,7 @@ import cli
 import datasets
 import image_data
 
-IMAGES_SEEN = 280_000  # 70 epochs of 4,000 digits: ~25 minutes of training on a 2-core CPU
+IMAGES_SEEN = 360_000  # 90 epochs of 4,000 digits: ~23 minutes of training on a 2-core CPU (docs/mnist.md)
 DEFAULTS = {"dataset_size": 60000, "num_timesteps": 1000, "beta_schedule": "cosine", "clip_sample": 1.0,
             "prediction": "v", "min_snr_gamma": 5.0,
             "train_batch_size": 64, "learning_rate": 1e-3, "ema_decay": 0.999,
@@ -36,7 +36,7 @@ def add_flags(parser):
                         help="self-attention at 7x7; None = on")
     parser.epilog = ("For image datasets, flags not given take these defaults instead: "
                      + ", ".join(f"--{k} {v}" for k, v in DEFAULTS.items())
-                     + f"; --num_epochs: {IMAGES_SEEN:,} training images seen (70 epochs of 4,000); the frame's "
+                     + f"; --num_epochs: {IMAGES_SEEN:,} training images seen (90 epochs of 4,000); the frame's "
                        "steps at most T; the one frame at the last epoch.")
 
 
