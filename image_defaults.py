@@ -5,7 +5,8 @@ The values were measured for 28x28 images on a 2-core CPU (docs/mnist.md). A def
 depends on another setting gives way to what the user typed: the epochs are as many as it takes
 to show the network IMAGES_SEEN training images, whatever the size of the training set; the
 frame's sampling steps are capped at T; the ddpm sampler walks every step; and the one frame is
-drawn at the last epoch. Only flags the user gave can contradict each other.
+drawn at the last epoch; a checkpoint is written about ten times a run. Only flags the user gave
+can contradict each other.
 """
 import argparse
 
@@ -37,7 +38,7 @@ def add_flags(parser):
     parser.epilog = ("For image datasets, flags not given take these defaults instead: "
                      + ", ".join(f"--{k} {v}" for k, v in DEFAULTS.items())
                      + f"; --num_epochs: {IMAGES_SEEN:,} training images seen (90 epochs of 4,000); the frame's "
-                       "steps at most T; the one frame at the last epoch.")
+                       "steps at most T; the one frame at the last epoch; about ten checkpoints.")
 
 
 def apply(config, given):
@@ -54,6 +55,8 @@ def apply(config, given):
                                          else min(steps, config["num_timesteps"]))
     if "save_images_step" not in given:
         config["save_images_step"] = config["num_epochs"]
+    if "checkpoint_every" not in given:  # about ten checkpoints a run, however long its epochs
+        config["checkpoint_every"] = max(1, round(config["num_epochs"] / 9))
     return config
 
 

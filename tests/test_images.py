@@ -290,3 +290,4 @@ def test_image_flags_that_contradict_each_other_are_errors(tiny_dir, capsys):
     for flags, images in (([], 200), (["--dataset_size", "100"], 100), (["--dataset_size", "5000"], 200)):
         config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, *flags])
         assert config["num_epochs"] == image_defaults.IMAGES_SEEN // images == config["save_images_step"]
+        assert 8 <= config["num_epochs"] / config["checkpoint_every"] <= 11  # about ten checkpoints
