@@ -8,7 +8,8 @@ Where things live (equation numbers are those of the DDPM paper, arXiv:2006.1123
   diffusion_loss               the loss || eps - eps_theta(x_t, t) ||^2     eq. 14 (Algorithm 1)
   NoiseScheduler.step          one ancestral reverse step                    eq. 11 (Algorithm 2)
   NoiseScheduler.ddim_step     one DDIM step (Song et al. 2021, eq. 12)
-  sample()                     the reverse process, for DDPM and DDIM alike
+  NoiseScheduler.dpm_solver_step  one DPM-Solver++(2M) step (Lu et al. 2022), ODE or SDE
+  sample()                     the reverse process, for every sampler
   train()                      the training loop, Algorithm 1
 
 Every tensor of data may have any shape [B, ...]: the schedule's per-timestep
