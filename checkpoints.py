@@ -130,7 +130,7 @@ class Checkpointer:
             "optimizer": self.optimizer.state_dict(), "epoch": epoch, "batch": batch, "step": step,
             "perm": perm.cpu() if perm is not None else None, "losses": self.losses[:step].cpu(),
             "frames": torch.stack(frame_list) if frame_list else torch.zeros(0), "metrics": table,
-            "pending_frames": self.frames.unfinished(),
+            "pending_frames": self.frames.unfinished(), "guide": self.frames.guide,
             "train_rng": self.order_generator.get_state(), "rank_rngs": rank_rngs, "seconds": seconds,
         }, self.path)
 

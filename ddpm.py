@@ -10,6 +10,7 @@ Where things live (equation numbers are those of the DDPM paper, arXiv:2006.1123
   NoiseScheduler.ddim_step     one DDIM step (Song et al. 2021, eq. 12)
   NoiseScheduler.dpm_solver_step  one DPM-Solver++(2M) step (Lu et al. 2022), ODE or SDE
   sample()                     the reverse process, for every sampler
+  model_prediction             guidance: classifier-free (Ho & Salimans 2022) or autoguidance
   train()                      the training loop, Algorithm 1
 
 Every tensor of data may have any shape [B, ...]: the schedule's per-timestep
@@ -242,7 +243,8 @@ def sampling_error(sampler, num_inference_steps, num_timesteps):
 
 @torch.no_grad()
 def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None, eta=None, timestep_spacing=None,
-           generator=None, device="cpu", labels=None, guidance_scale=1.0, trajectory=False, precision="fp32"):
+           generator=None, device="cpu", labels=None, guidance_scale=1.0, guide=None, trajectory=False,
+           precision="fp32"):
     """Run the reverse process from x_T ~ N(0, I) of `shape` [B, ...] and return x_0.
 
     sampler "ddpm" walks all T steps with `step` (num_inference_steps must be None or T);
@@ -250,7 +252,8 @@ def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None,
     (with its eta) with `dpm_solver_step`. Each visits the timesteps `timestep_spacing` picks, one
     network evaluation a step (None: the sampler's DEFAULT_SPACING, DEFAULT_ETA). With `labels` [B] the
     model is class-conditional and guidance_scale w mixes eps = eps_null + w (eps_label - eps_null)
-    (classifier-free guidance, Ho & Salimans 2022). trajectory=True returns every x_t too.
+    (classifier-free guidance, Ho & Salimans 2022); without labels, a `guide` model (a weaker version
+    of the model) takes eps_null's place (autoguidance). trajectory=True returns every x_t too.
     precision "bf16" runs the network in bfloat16 (autocast); the update itself stays in fp32.
     """
     error = sampling_error(sampler, num_inference_steps, scheduler.num_timesteps)
@@ -266,7 +269,7 @@ def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None,
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             # the network gets t as [1]: one timestep for the whole batch (the MLP embeds it once)
-            model_output = model_prediction(model, x, t_batch[:1], labels, guidance_scale).float()
+            model_output = model_prediction(model, x, t_batch[:1], labels, guidance_scale, guide).float()
         stochastic = t > 0 and sampler != "dpmpp_2m"  # ddpm and ddim draw noise at eta = 0 too, as they always did
         noise = torch.randn(shape, generator=generator, device=device) if stochastic else torch.zeros_like(x)
         if sampler == "ddpm":
@@ -283,10 +286,16 @@ def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None,
     return torch.stack(steps) if trajectory else x
 
 
-def model_prediction(model, x, t, labels=None, guidance_scale=1.0):
-    """The network's output at (x, t), with classifier-free guidance when labels are given."""
+def model_prediction(model, x, t, labels=None, guidance_scale=1.0, guide=None):
+    """The network's output at (x, t), guided when guidance_scale w != 1: out = weak + w (out - weak),
+    which pushes the prediction away from a weaker one. With labels, the weaker one is the model's
+    own without the label (classifier-free guidance); without, the `guide` model's: the same network
+    earlier in training, whose errors the guidance steers away from (autoguidance, Karras et al. 2024)."""
     if labels is None:
-        return model(x, t)
+        if guide is None or guidance_scale == 1.0:
+            return model(x, t)
+        weak = guide(x, t)
+        return weak + guidance_scale * (model(x, t) - weak)
     if guidance_scale == 1.0:
         return model(x, t, labels)
     null = torch.full_like(labels, model.null_label)
@@ -488,6 +497,8 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
 
             epoch_loss, stop_signal = run.end_of_epoch(epoch, step, steps_per_epoch, stop.signal)
             last_epoch = epoch == num_epochs - 1
+            if ranks.main and epoch + 1 == config.get("guide_epoch"):  # autoguidance's weaker model, kept
+                frames.keep_guide((ema_model if ema_model is not None else model).state_dict())
             if ranks.main and ((epoch + 1) % config["save_images_step"] == 0 or last_epoch):
                 frames.submit(run.frame_row(epoch, step, epoch_loss),
                               (ema_model if ema_model is not None else model).state_dict())
@@ -578,6 +589,13 @@ def validate(config, parser):
          f"--embedding_size must be even for sinusoidal embeddings, got {config['embedding_size']}"),
         (config["resume"] and config["overwrite"], "--resume and --overwrite exclude each other"),
         (is_image and config["compile"] == "on", "--compile on is for the 2D MLP; image runs train with the eager step"),
+        (config["autoguidance"] != 1 and not is_image, "--autoguidance is for image datasets (--dataset mnist, ...)"),
+        (config["autoguidance"] != 1 and config["class_conditional"],
+         "--autoguidance is for unconditional runs; class-conditional runs use --guidance_scale"),
+        (config["guide_epoch"] and config["autoguidance"] == 1,
+         "--guide_epoch is for autoguidance (unconditional image runs, guidance weight other than 1)"),
+        ((config["guide_epoch"] or 0) > config["num_epochs"],
+         f"--guide_epoch {config['guide_epoch']} is after the last epoch ({config['num_epochs']})"),
     ]:
         if failed:
             parser.error(message)

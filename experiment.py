@@ -117,12 +117,14 @@ def write_config(exp_dir, config, world_size):
     atomic_write_text(os.path.join(exp_dir, "config.json"), json.dumps(saved, indent=2) + "\n")
 
 
-def write_outputs(exp_dir, config, model, ema_model, losses, frames, table):
-    """model.pth, model_ema.pth, loss.npy, loss.png, frames.npy and metrics.csv, each atomically.
-    (The frame PNGs are drawn as the frames are made.)"""
+def write_outputs(exp_dir, config, model, ema_model, losses, frames, table, guide=None):
+    """model.pth, model_ema.pth, model_guide.pth (autoguidance's weights), loss.npy, loss.png,
+    frames.npy and metrics.csv, each atomically. (The frame PNGs are drawn as the frames are made.)"""
     atomic_save(model.state_dict(), os.path.join(exp_dir, "model.pth"))
     if ema_model is not None:
         atomic_save(ema_model.state_dict(), os.path.join(exp_dir, "model_ema.pth"))
+    if guide is not None:
+        atomic_save(guide, os.path.join(exp_dir, "model_guide.pth"))
     losses = losses.cpu().numpy()
     shape = (0, config["eval_batch_size"], *datasets.sample_shape(config))
     atomic_save_npy(os.path.join(exp_dir, "loss.npy"), losses)
@@ -205,7 +207,8 @@ class Run:
         frame_list, table = self.frames.finished()
         self.frames.close()
         loop_seconds = self.seconds()
-        write_outputs(self.exp_dir, self.config, self.model, self.ema_model, self.losses[:step], frame_list, table)
+        write_outputs(self.exp_dir, self.config, self.model, self.ema_model, self.losses[:step], frame_list, table,
+                      self.frames.guide)
         return table, loop_seconds
 
 

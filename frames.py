@@ -46,6 +46,7 @@ class FrameMaker:
         build_model, build_scheduler, self.sample = core
         self.config, self.device = config, device
         self.model = build_model(config).to(device).eval()
+        self.guide_model = build_model(config).to(device).eval() if config.get("guide_epoch") else None
         self.scheduler = build_scheduler(config, device)
         self.scorer = metrics.make_scorer(config)
         self.shape = (config["eval_batch_size"], *datasets.sample_shape(config))
@@ -55,9 +56,13 @@ class FrameMaker:
         os.makedirs(self.images, exist_ok=True)
         self.drawer = plotting.FrameDrawer(datasets.is_image_dataset(config["dataset"]))
 
-    def __call__(self, frame_index, epoch, state_dict):
+    def __call__(self, frame_index, epoch, state_dict, guide_state=None):
         tic = time.perf_counter()
         self.model.load_state_dict(state_dict)
+        guide, guidance = None, self.config.get("guidance_scale", 1.0)
+        if guide_state is not None:  # autoguidance: away from the weights of --guide_epoch
+            self.guide_model.load_state_dict(guide_state)
+            guide, guidance = self.guide_model, self.config["autoguidance"]
         generator = frame_generator(self.config["seed"], frame_index, self.device)
         n, chunks = self.shape[0], []
         conditional = bool(getattr(self.model, "num_classes", None))
@@ -71,7 +76,7 @@ class FrameMaker:
                 num_inference_steps=self.config["num_inference_steps"], eta=self.config["eta"],
                 timestep_spacing=self.config.get("timestep_spacing"),
                 generator=generator, device=self.device, labels=labels,
-                guidance_scale=self.config.get("guidance_scale", 1.0),
+                guidance_scale=guidance, guide=guide,
                 precision=self.config.get("precision", "fp32")).cpu())
         x = torch.cat(chunks)
         # class-conditional: the score also says how often the classifier agrees with the requested label
@@ -92,8 +97,12 @@ def _start_worker(*maker_args):
     _worker_maker = FrameMaker(*maker_args)
 
 
-def _run_in_worker(frame_index, epoch, state_dict):
-    return _worker_maker(frame_index, epoch, state_dict)
+def _run_in_worker(frame_index, epoch, state_dict, guide_state):
+    return _worker_maker(frame_index, epoch, state_dict, guide_state)
+
+
+def copy_to_cpu(state_dict):
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
 
 class Frames:
@@ -107,6 +116,7 @@ class Frames:
         self.unmade = {}  # frame index -> (epoch, weights) of a frame submitted but not made yet
         self.pending = []  # (frame index, future) of the jobs handed to the worker, in order
         self.seconds = {"sampling": 0.0, "drawing": 0.0}  # spent making frames, in whichever process
+        self.guide = None  # autoguidance's weights, once kept (keep_guide)
         self.maker_args, self.maker = (config, exp_dir, device, core), None
         self.parallel = use_worker(config, device)
         if self.parallel:
@@ -116,16 +126,24 @@ class Frames:
         else:
             self.pool, self.maker = None, FrameMaker(*self.maker_args)
 
+    def keep_guide(self, weights):
+        """Autoguidance: the weights (a state dict) that guide every frame from now on."""
+        self.guide = copy_to_cpu(weights)
+
     def submit(self, row, weights):
-        """Make frame row["frame"] from `weights` (a state dict), copied at once: training goes on changing them."""
+        """Make frame row["frame"] from `weights` (a state dict), copied at once: training goes on
+        changing them; guided by the kept guide weights, if any."""
+        self._submit(row, copy_to_cpu(weights), self.guide)
+
+    def _submit(self, row, weights, guide):
         frame_index = row["frame"]
         self.rows[frame_index] = row
-        state_dict = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
-        self.unmade[frame_index] = (row["epoch"], state_dict)
+        job = (row["epoch"], weights, guide)
+        self.unmade[frame_index] = job
         if self.pool is None:
-            self._store(self.maker(frame_index, row["epoch"], state_dict))
+            self._store(self.maker(frame_index, *job))
         else:
-            self.pending.append((frame_index, self.pool.submit(_run_in_worker, frame_index, row["epoch"], state_dict)))
+            self.pending.append((frame_index, self.pool.submit(_run_in_worker, frame_index, *job)))
 
     def latest_score(self):
         """The score of the newest frame made so far, or None."""
@@ -158,16 +176,17 @@ class Frames:
         return [self.done[i][0] for i in done], table
 
     def unfinished(self):
-        """[(row, weights)] of the frames submitted but not made yet: a checkpoint keeps them."""
-        return [(self.rows[i], weights) for i, (_, weights) in sorted(self.unmade.items())]
+        """[(row, weights, guide weights)] of the frames submitted but not made yet: a checkpoint keeps them."""
+        return [(self.rows[i], weights, guide) for i, (_, weights, guide) in sorted(self.unmade.items())]
 
     def restore(self, checkpoint):
-        """The frames of a checkpoint: those made, and those to make now."""
+        """The frames of a checkpoint: those made, and those to make now; the guide weights, if kept."""
+        self.guide = checkpoint.get("guide")
         for row, frame in zip(checkpoint["metrics"], checkpoint["frames"]):
             self.rows[row["frame"]] = {k: v for k, v in row.items() if k in BASICS}
             self.done[row["frame"]] = (frame, {k: v for k, v in row.items() if k not in BASICS})
-        for row, weights in checkpoint.get("pending_frames", []):
-            self.submit(row, weights)
+        for row, weights, *guide in checkpoint.get("pending_frames", []):  # no guide in older checkpoints
+            self._submit(row, weights, guide[0] if guide else None)
 
     def _store(self, result):
         frame_index, x, score, seconds = result

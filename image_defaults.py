@@ -19,7 +19,8 @@ DEFAULTS = {"dataset_size": 60000, "num_timesteps": 1000, "beta_schedule": "cosi
             "prediction": "v", "min_snr_gamma": 5.0,
             "train_batch_size": 64, "learning_rate": 1e-3, "ema_decay": 0.999,
             "sampler": "ddim", "num_inference_steps": 150, "eta": 1.0, "eval_batch_size": 1000,
-            "lr_schedule": "constant", "low_noise_fraction": 0.0}
+            "lr_schedule": "constant", "low_noise_fraction": 0.0, "autoguidance": 2.5}
+GUIDE_FRACTION = 0.22  # autoguidance's guide: the EMA weights after this share of the epochs, 20 of 90 (docs/mnist.md)
 
 
 def add_flags(parser):
@@ -30,6 +31,11 @@ def add_flags(parser):
                         help="train with labels (10%% dropped: classifier-free guidance); None = off")
     images.add_argument("--guidance_scale", type=cli.nonnegative_float, default=3.0,
                         help="classifier-free guidance of the frames of a class-conditional run")
+    images.add_argument("--autoguidance", type=cli.nonnegative_float, default=1.0,
+                        help="guidance weight w of an unconditional run's frames away from the model as it was at "
+                             "--guide_epoch (autoguidance, Karras et al. 2024); 1 = off")
+    images.add_argument("--guide_epoch", type=cli.positive_int, default=None,
+                        help=f"the epoch whose EMA weights guide (default: {GUIDE_FRACTION:g} of the epochs)")
     images.add_argument("--unet_channels", type=cli.positive_int, default=32,
                         help="U-Net width at 28x28 (x2 at 14x14 and 7x7)")
     images.add_argument("--unet_depth", type=cli.positive_int, default=1, help="residual blocks per U-Net level")
@@ -38,7 +44,8 @@ def add_flags(parser):
     parser.epilog = ("For image datasets, flags not given take these defaults instead: "
                      + ", ".join(f"--{k} {v}" for k, v in DEFAULTS.items())
                      + f"; --num_epochs: {IMAGES_SEEN:,} training images seen (90 epochs of 4,000); the frame's "
-                       "steps at most T; the one frame at the last epoch; about ten checkpoints.")
+                       "steps at most T, half of them when autoguided (two networks a step); the one frame at "
+                       "the last epoch; about ten checkpoints; class-conditional runs: --autoguidance 1.")
 
 
 def apply(config, given):
@@ -49,10 +56,16 @@ def apply(config, given):
     if "num_epochs" not in given:
         n = min(config["dataset_size"], image_data.count_images(config) or config["dataset_size"])
         config["num_epochs"] = max(1, round(IMAGES_SEEN / n))
+    if config["class_conditional"] and "autoguidance" not in given:
+        config["autoguidance"] = 1.0  # class-conditional runs have classifier-free guidance instead
     if "num_inference_steps" not in given:
         steps = config["num_inference_steps"]
+        if config["autoguidance"] != 1.0 and steps is not None:
+            steps //= 2  # two networks a step: the same 150 evaluations
         config["num_inference_steps"] = (None if config["sampler"] == "ddpm" or steps is None
                                          else min(steps, config["num_timesteps"]))
+    if config["autoguidance"] != 1.0 and "guide_epoch" not in given:
+        config["guide_epoch"] = max(1, round(GUIDE_FRACTION * config["num_epochs"]))
     if "save_images_step" not in given:
         config["save_images_step"] = config["num_epochs"]
     if "checkpoint_every" not in given:  # about ten checkpoints a run, however long its epochs

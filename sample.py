@@ -37,6 +37,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=int, default=None, help="class to draw (class-conditional models)")
     p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance weight")
+    p.add_argument("--autoguidance", type=cli.nonnegative_float, default=None,
+                   help="autoguidance weight of an unconditional model, away from its model_guide.pth "
+                        "(default: the experiment's; 1 = off)")
     p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                    help="auto: EMA weights where the experiment has them")
     p.add_argument("--batch_size", type=cli.positive_int, default=10000, help="samples per forward pass")
@@ -69,6 +72,16 @@ def load_experiment(experiment_dir, weights="auto", device="cpu"):
     return model.to(device).eval(), scheduler, config
 
 
+def load_guide(experiment_dir, config, device="cpu"):
+    """Autoguidance's weaker model: the weights the run kept at its --guide_epoch (model_guide.pth)."""
+    path = os.path.join(experiment_dir, "model_guide.pth")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{experiment_dir} has no model_guide.pth (trained with --autoguidance 1?)")
+    guide = ddpm.build_model(config)
+    load_weights(guide, safe_load(path), path)
+    return guide.to(device).eval()
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -97,6 +110,15 @@ def main(argv=None):
     if conditional and args.label is not None and not 0 <= args.label < model.num_classes:
         parser.error(f"--label must be in 0..{model.num_classes - 1}")
     guidance = args.guidance_scale if args.guidance_scale is not None else config.get("guidance_scale", 1.0)
+    guide = None
+    autoguidance = args.autoguidance if args.autoguidance is not None else config.get("autoguidance", 1.0)
+    if conditional and args.autoguidance not in (None, 1.0):
+        parser.error("--autoguidance is for unconditional experiments; class-conditional ones use --guidance_scale")
+    if not conditional and autoguidance != 1.0:
+        try:
+            guide, guidance = load_guide(args.experiment_dir, config, device), autoguidance
+        except CheckpointError as e:
+            parser.error(str(e))
 
     shape_tail = datasets.sample_shape(config)
     generator = torch.Generator(device).manual_seed(args.seed)
@@ -111,7 +133,7 @@ def main(argv=None):
         chunks.append(ddpm.sample(model, scheduler, (n, *shape_tail), sampler=sampler,
                                   num_inference_steps=steps, eta=eta, timestep_spacing=spacing,
                                   generator=generator, device=device,
-                                  labels=labels, guidance_scale=guidance,
+                                  labels=labels, guidance_scale=guidance, guide=guide,
                                   precision=config.get("precision", "fp32")).cpu())
     samples = torch.cat(chunks).numpy()
     seconds = time.time() - tic

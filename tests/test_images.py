@@ -246,6 +246,7 @@ IMAGE_FLAG_VALUES = {
     "eval_batch_size": ["1", "64"], "save_images_step": ["1", "1000"], "lr_schedule": ["constant", "cosine"],
     "low_noise_fraction": ["0.5"], "guidance_scale": ["0", "7"], "unet_channels": ["4", "8", "36", "2"],
     "unet_depth": ["2"], "embedding_size": ["7"], "hidden_size": ["16"], "input_embedding": ["identity"],
+    "autoguidance": ["1", "2"], "guide_epoch": ["1", "1000"],
 }
 IMAGE_SWITCHES = ["--class_conditional", "--no-unet_attention", "--unet_attention"]
 CASES = [[f"--{flag}", value] for flag, values in IMAGE_FLAG_VALUES.items() for value in values]
@@ -270,12 +271,18 @@ def test_each_image_flag_alone_works_or_names_only_itself(flags, tiny_dir, capsy
     assert config["save_images_step"] <= config["num_epochs"] or flag == "save_images_step"
     for key, value in image_defaults.DEFAULTS.items():  # what the user did not touch keeps its image default
         if key not in given and key not in ("num_inference_steps", "save_images_step"):
+            if key == "autoguidance" and config["class_conditional"]:
+                value = 1.0  # classifier-free guidance instead
             assert config[key] == value, key
+    if config["autoguidance"] != 1:  # the guide's epoch falls inside the run
+        assert 1 <= config["guide_epoch"] <= config["num_epochs"]
 
 
 def test_image_flags_that_contradict_each_other_are_errors(tiny_dir, capsys):
     for flags, named in ((["--num_timesteps", "100", "--num_inference_steps", "150"], "--num_inference_steps"),
-                         (["--sampler", "ddpm", "--num_inference_steps", "10"], "--sampler")):
+                         (["--sampler", "ddpm", "--num_inference_steps", "10"], "--sampler"),
+                         (["--class_conditional", "--autoguidance", "2"], "--autoguidance"),
+                         (["--autoguidance", "1", "--guide_epoch", "3"], "--guide_epoch")):
         with pytest.raises(SystemExit):
             ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, *flags])
         assert named in capsys.readouterr().err
@@ -286,8 +293,46 @@ def test_image_flags_that_contradict_each_other_are_errors(tiny_dir, capsys):
     assert config["num_inference_steps"] is None
     config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--num_epochs", "100"])
     assert config["save_images_step"] == 100  # one frame, at the end
+    assert config["guide_epoch"] == round(100 * image_defaults.GUIDE_FRACTION)  # autoguidance's guide
+    config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--class_conditional"])
+    assert config["autoguidance"] == 1 and config["guide_epoch"] is None  # classifier-free guidance instead
+    with pytest.raises(SystemExit):
+        ddpm.parse_config(["--dataset", "moons", "--autoguidance", "2"])  # 2D runs keep no guide
+    assert "--autoguidance" in capsys.readouterr().err
     # the epochs show the network the same number of images whatever the size of the training set
     for flags, images in (([], 200), (["--dataset_size", "100"], 100), (["--dataset_size", "5000"], 200)):
         config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, *flags])
         assert config["num_epochs"] == image_defaults.IMAGES_SEEN // images == config["save_images_step"]
         assert 8 <= config["num_epochs"] / config["checkpoint_every"] <= 11  # about ten checkpoints
+
+
+def test_autoguidance_keeps_the_ema_of_its_epoch_and_survives_a_resume(tiny_dir, tmp_path):
+    from helpers import run_tool, train
+    tiny = ["--dataset", "mnist", "--data_dir", tiny_dir, "--dataset_size", "64", "--unet_channels", "8",
+            "--num_timesteps", "20", "--num_inference_steps", "5", "--eval_batch_size", "16",
+            "--save_images_step", "1", "--checkpoint_every", "1"]
+    guide_at_2 = ["--autoguidance", "2", "--guide_epoch", "2"]
+    assert train(tmp_path, "plain", *tiny, "--num_epochs", "3", "--autoguidance", "1").returncode == 0
+    guided = train(tmp_path, "guided", *tiny, "--num_epochs", "3", *guide_at_2)
+    assert guided.returncode == 0, guided.stderr[-2000:]
+    assert train(tmp_path, "cut", *tiny, "--num_epochs", "2", *guide_at_2).returncode == 0
+    # the guide is the EMA weights after epoch 2: those a 2-epoch run of the same seed ends with
+    ema_at_2 = torch.load(tmp_path / "cut" / "model_ema.pth", weights_only=True)
+    guide = torch.load(tmp_path / "guided" / "model_guide.pth", weights_only=True)
+    assert all(torch.equal(ema_at_2[k], guide[k]) for k in ema_at_2)
+    assert not (tmp_path / "plain" / "model_guide.pth").exists()
+    # up to epoch 2 the frames are the unguided ones (at epoch 2 the guide is the model itself); after, guided
+    plain_frames, guided_frames = np.load(tmp_path / "plain" / "frames.npy"), np.load(tmp_path / "guided" / "frames.npy")
+    assert np.array_equal(plain_frames[:2], guided_frames[:2]) and not np.allclose(plain_frames[2], guided_frames[2])
+    # interrupted after epoch 2 (the 2-epoch run) and resumed for 3: the same frames
+    resumed = train(tmp_path, "cut", "--resume", "--num_epochs", "3", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert np.array_equal(np.load(tmp_path / "cut" / "frames.npy"), guided_frames)
+    # sample.py uses the experiment's autoguidance; --autoguidance 1 turns it off
+    a, b, c = (run_tool("sample.py", tmp_path / "guided", "--num_samples", "4", "--output", tmp_path / f"{n}.npy",
+                        *flags) for n, flags in (("a", []), ("b", ["--autoguidance", "1"]), ("c", ["--autoguidance", "2"])))
+    assert a.returncode == b.returncode == c.returncode == 0, a.stderr[-2000:]
+    assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "c.npy"))
+    assert not np.allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    missing = run_tool("sample.py", tmp_path / "plain", "--autoguidance", "2", "--output", tmp_path / "d.npy")
+    assert missing.returncode == 2 and "model_guide.pth" in missing.stderr and "Traceback" not in missing.stderr

@@ -347,3 +347,25 @@ def test_spacings_put_their_steps_where_they_say():
     assert np.allclose(gaps[:6], target, rtol=0.15), gaps
     # karras: more steps at low noise than logsnr's last step, fewer at high noise
     assert s.inference_timesteps(10, "karras")[1] > s.inference_timesteps(10, "logsnr")[1]
+
+
+def test_autoguidance_extrapolates_away_from_the_guide():
+    # model: the exact denoiser of N(1, 0.5^2); guide: that of a worse model, N(0.5, 1). The guided
+    # prediction is weak + w (strong - weak) (ddpm.model_prediction), so w = 1 is the model alone and
+    # w > 1 moves the samples' mean beyond the model's, away from the guide's, and narrows them (the
+    # guide's extra spread is subtracted): monotonically in w.
+    s = NoiseScheduler(1000, "cosine", prediction="v")
+    model, guide = ExactGaussianDenoiser(s, 1.0, 0.5), ExactGaussianDenoiser(s, 0.5, 1.0)
+    x, t = torch.randn(7, 2), torch.tensor([300])
+    for w in (0.0, 1.0, 2.5):
+        assert torch.allclose(ddpm.model_prediction(model, x, t, guidance_scale=w, guide=guide),
+                              guide(x, t) + w * (model(x, t) - guide(x, t)))
+    means, variances = [], []
+    for w in (1.0, 1.5, 2.0):
+        x = sample(model, s, (20000, 2), sampler="ddpm", guide=guide, guidance_scale=w,
+                   generator=torch.Generator().manual_seed(0))
+        means.append(float(x.mean()))
+        variances.append(float(x.var()))
+    assert means[0] == pytest.approx(1.0, abs=0.02) and variances[0] == pytest.approx(0.25, rel=0.05)
+    assert means[0] + 0.03 < means[1] < means[2] - 0.03
+    assert variances[0] * 0.9 > variances[1] > variances[2] * 1.05
