@@ -149,4 +149,8 @@ def draw_image_runs(unconditional_dir, conditional_dir, path, n=10):
 
 if __name__ == "__main__":  # python figures.py RUN_DIR COND_RUN_DIR static/mnist.png
     import sys
+    if len(sys.argv) != 4 or not sys.argv[3].endswith(".png"):
+        print("usage: python figures.py RUN_DIR COND_RUN_DIR OUT.png: the last frame of an unconditional image "
+              "run beside the rows 0-9 of a class-conditional one", file=sys.stderr)
+        sys.exit(2)
     draw_image_runs(*sys.argv[1:4])
