@@ -452,6 +452,7 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
     data, labels = data.to(device), (labels.to(device) if labels is not None else None)
     scheduler, model = build_scheduler(config, device), build_model(config).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False) if config["ema_decay"] > 0 else None
+    sampled_model = ema_model if ema_model is not None else model  # the weights the frames (and the guide) use
     weights, ema_weights = list(model.parameters()), (list(ema_model.parameters()) if ema_model else None)
     # fused AdamW: one kernel for all parameters instead of a dozen small ops per tensor
     optimizer = torch.optim.AdamW(weights, lr=config["learning_rate"], fused=device.split(":")[0] in ("cpu", "cuda"))
@@ -498,10 +499,9 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
             epoch_loss, stop_signal = run.end_of_epoch(epoch, step, steps_per_epoch, stop.signal)
             last_epoch = epoch == num_epochs - 1
             if ranks.main and epoch + 1 == config.get("guide_epoch"):  # autoguidance's weaker model, kept
-                frames.keep_guide((ema_model if ema_model is not None else model).state_dict())
+                frames.keep_guide(sampled_model.state_dict())
             if ranks.main and ((epoch + 1) % config["save_images_step"] == 0 or last_epoch):
-                frames.submit(run.frame_row(epoch, step, epoch_loss),
-                              (ema_model if ema_model is not None else model).state_dict())
+                frames.submit(run.frame_row(epoch, step, epoch_loss), sampled_model.state_dict())
             if (epoch + 1) % config["checkpoint_every"] == 0 or last_epoch:
                 checkpoint.save(epoch + 1, 0, step, None, run.seconds(), wait=last_epoch)
             if stop_signal:

@@ -113,7 +113,7 @@ class Frames:
         """core: (build_model, build_scheduler, sample) of ddpm.py."""
         self.rows = {}  # frame index -> its row of metrics.csv (the score added once it is made)
         self.done = {}  # frame index -> (samples, score)
-        self.unmade = {}  # frame index -> (epoch, weights) of a frame submitted but not made yet
+        self.unmade = {}  # frame index -> (epoch, weights, guide weights) of a frame submitted but not made yet
         self.pending = []  # (frame index, future) of the jobs handed to the worker, in order
         self.seconds = {"sampling": 0.0, "drawing": 0.0}  # spent making frames, in whichever process
         self.guide = None  # autoguidance's weights, once kept (keep_guide)
