@@ -243,8 +243,8 @@ def sampling_error(sampler, num_inference_steps, num_timesteps):
 
 @torch.no_grad()
 def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None, eta=None, timestep_spacing=None,
-           generator=None, device="cpu", labels=None, guidance_scale=1.0, guide=None, trajectory=False,
-           precision="fp32"):
+           generator=None, device="cpu", labels=None, guidance_scale=1.0, guide=None, guidance_interval=None,
+           trajectory=False, precision="fp32"):
     """Run the reverse process from x_T ~ N(0, I) of `shape` [B, ...] and return x_0.
 
     sampler "ddpm" walks all T steps with `step` (num_inference_steps must be None or T);
@@ -253,7 +253,10 @@ def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None,
     network evaluation a step (None: the sampler's DEFAULT_SPACING, DEFAULT_ETA). With `labels` [B] the
     model is class-conditional and guidance_scale w mixes eps = eps_null + w (eps_label - eps_null)
     (classifier-free guidance, Ho & Salimans 2022); without labels, a `guide` model (a weaker version
-    of the model) takes eps_null's place (autoguidance). trajectory=True returns every x_t too.
+    of the model) takes eps_null's place (autoguidance). guidance_interval (lo, hi) guides only the
+    steps with lo <= t <= hi, one network evaluation elsewhere (Kynkäänniemi et al. 2024: guidance at
+    the highest noise levels costs variety, at the lowest it does little). trajectory=True returns
+    every x_t too.
     precision "bf16" runs the network in bfloat16 (autocast); the update itself stays in fp32.
     """
     error = sampling_error(sampler, num_inference_steps, scheduler.num_timesteps)
@@ -269,7 +272,9 @@ def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None,
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             # the network gets t as [1]: one timestep for the whole batch (the MLP embeds it once)
-            model_output = model_prediction(model, x, t_batch[:1], labels, guidance_scale, guide).float()
+            guided = guidance_interval is None or guidance_interval[0] <= t <= guidance_interval[1]
+            model_output = model_prediction(model, x, t_batch[:1], labels, guidance_scale if guided else 1.0,
+                                            guide).float()
         stochastic = t > 0 and sampler != "dpmpp_2m"  # ddpm and ddim draw noise at eta = 0 too, as they always did
         noise = torch.randn(shape, generator=generator, device=device) if stochastic else torch.zeros_like(x)
         if sampler == "ddpm":
@@ -583,6 +588,7 @@ def validate(config, parser):
     start = config["beta_start"] if config["beta_start"] is not None else start
     end = config["beta_end"] if config["beta_end"] is not None else end
     sinusoidal = "sinusoidal" in (config["time_embedding"], config["input_embedding"])
+    interval = config["guidance_interval"]
     for failed, message in [  # --compile on for images: the U-Net's step compiled for minutes, and not in bf16
         (config["beta_schedule"] != "cosine" and start > end, f"--beta_start {start:g} is larger than --beta_end {end:g}"),
         (not is_image and sinusoidal and config["embedding_size"] % 2,
@@ -596,6 +602,10 @@ def validate(config, parser):
          "--guide_epoch is for autoguidance (unconditional image runs, guidance weight other than 1)"),
         ((config["guide_epoch"] or 0) > config["num_epochs"],
          f"--guide_epoch {config['guide_epoch']} is after the last epoch ({config['num_epochs']})"),
+        (interval and config["autoguidance"] == 1 and not config["class_conditional"],
+         "--guidance_interval is for guided image runs (--autoguidance or --class_conditional)"),
+        (interval and not 0 <= interval[0] <= interval[1] < config["num_timesteps"],
+         f"--guidance_interval needs 0 <= LO <= HI < T = {config['num_timesteps']}, got {interval}"),
     ]:
         if failed:
             parser.error(message)

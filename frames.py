@@ -76,7 +76,7 @@ class FrameMaker:
                 num_inference_steps=self.config["num_inference_steps"], eta=self.config["eta"],
                 timestep_spacing=self.config.get("timestep_spacing"),
                 generator=generator, device=self.device, labels=labels,
-                guidance_scale=guidance, guide=guide,
+                guidance_scale=guidance, guide=guide, guidance_interval=self.config.get("guidance_interval"),
                 precision=self.config.get("precision", "fp32")).cpu())
         x = torch.cat(chunks)
         # class-conditional: the score also says how often the classifier agrees with the requested label

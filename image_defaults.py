@@ -4,9 +4,9 @@ the flags a command line does not give (2D runs keep the defaults of ddpm.py's p
 The values were measured for 28x28 images on a 2-core CPU (docs/mnist.md). A default that
 depends on another setting gives way to what the user typed: the epochs are as many as it takes
 to show the network IMAGES_SEEN training images, whatever the size of the training set; the
-frame's sampling steps are capped at T; the ddpm sampler walks every step; and the one frame is
-drawn at the last epoch; a checkpoint is written about ten times a run. Only flags the user gave
-can contradict each other.
+frame's sampling steps are capped at T, and the guided ones are shares of T; the ddpm sampler
+walks every step; and the one frame is drawn at the last epoch; a checkpoint is written about ten
+times a run. Only flags the user gave can contradict each other.
 """
 import argparse
 
@@ -21,6 +21,7 @@ DEFAULTS = {"dataset_size": 60000, "num_timesteps": 1000, "beta_schedule": "cosi
             "sampler": "ddim", "num_inference_steps": 150, "eta": 1.0, "eval_batch_size": 1000,
             "lr_schedule": "constant", "low_noise_fraction": 0.0, "autoguidance": 2.5}
 GUIDE_FRACTION = 0.22  # autoguidance's guide: the EMA weights after this share of the epochs, 20 of 90 (docs/mnist.md)
+GUIDANCE_INTERVAL = (0.15, 0.86)  # autoguidance at these shares of T only: 150 <= t <= 859 of 1000 (docs/mnist.md)
 
 
 def add_flags(parser):
@@ -36,6 +37,9 @@ def add_flags(parser):
                              "--guide_epoch (autoguidance, Karras et al. 2024); 1 = off")
     images.add_argument("--guide_epoch", type=cli.positive_int, default=None,
                         help=f"the epoch whose EMA weights guide (default: {GUIDE_FRACTION:g} of the epochs)")
+    images.add_argument("--guidance_interval", type=cli.nonnegative_int, nargs=2, metavar=("LO", "HI"), default=None,
+                        help="guide only the sampling steps with LO <= t <= HI (Kynkäänniemi et al. 2024); "
+                             f"default: all, or {GUIDANCE_INTERVAL[0]:g} T to {GUIDANCE_INTERVAL[1]:g} T when autoguided")
     images.add_argument("--unet_channels", type=cli.positive_int, default=32,
                         help="U-Net width at 28x28 (x2 at 14x14 and 7x7)")
     images.add_argument("--unet_depth", type=cli.positive_int, default=1, help="residual blocks per U-Net level")
@@ -44,8 +48,9 @@ def add_flags(parser):
     parser.epilog = ("For image datasets, flags not given take these defaults instead: "
                      + ", ".join(f"--{k} {v}" for k, v in DEFAULTS.items())
                      + f"; --num_epochs: {IMAGES_SEEN:,} training images seen (90 epochs of 4,000); the frame's "
-                       "steps at most T, half of them when autoguided (two networks a step); the one frame at "
-                       "the last epoch; about ten checkpoints; class-conditional runs: --autoguidance 1.")
+                       "steps at most T, half of them when autoguided (two networks a guided step), guided at "
+                       f"{GUIDANCE_INTERVAL[0]:g} T <= t <= {GUIDANCE_INTERVAL[1]:g} T; the one frame at the last "
+                       "epoch; about ten checkpoints; class-conditional runs: --autoguidance 1.")
 
 
 def apply(config, given):
@@ -66,6 +71,8 @@ def apply(config, given):
                                          else min(steps, config["num_timesteps"]))
     if config["autoguidance"] != 1.0 and "guide_epoch" not in given:
         config["guide_epoch"] = max(1, round(GUIDE_FRACTION * config["num_epochs"]))
+    if config["autoguidance"] != 1.0 and "guidance_interval" not in given:
+        config["guidance_interval"] = [round(share * (config["num_timesteps"] - 1)) for share in GUIDANCE_INTERVAL]
     if "save_images_step" not in given:
         config["save_images_step"] = config["num_epochs"]
     if "checkpoint_every" not in given:  # about ten checkpoints a run, however long its epochs

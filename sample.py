@@ -40,6 +40,8 @@ def build_parser():
     p.add_argument("--autoguidance", type=cli.nonnegative_float, default=None,
                    help="autoguidance weight of an unconditional model, away from its model_guide.pth "
                         "(default: the experiment's; 1 = off)")
+    p.add_argument("--guidance_interval", type=cli.nonnegative_int, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="guide only the steps with LO <= t <= HI (default: the experiment's)")
     p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                    help="auto: EMA weights where the experiment has them")
     p.add_argument("--batch_size", type=cli.positive_int, default=10000, help="samples per forward pass")
@@ -120,6 +122,9 @@ def main(argv=None):
         except CheckpointError as e:
             parser.error(str(e))
 
+    interval = args.guidance_interval or config.get("guidance_interval")
+    if args.guidance_interval and not 0 <= interval[0] <= interval[1] < scheduler.num_timesteps:
+        parser.error(f"--guidance_interval needs 0 <= LO <= HI < T = {scheduler.num_timesteps}, got {interval}")
     shape_tail = datasets.sample_shape(config)
     generator = torch.Generator(device).manual_seed(args.seed)
     tic = time.time()
@@ -133,7 +138,7 @@ def main(argv=None):
         chunks.append(ddpm.sample(model, scheduler, (n, *shape_tail), sampler=sampler,
                                   num_inference_steps=steps, eta=eta, timestep_spacing=spacing,
                                   generator=generator, device=device,
-                                  labels=labels, guidance_scale=guidance, guide=guide,
+                                  labels=labels, guidance_scale=guidance, guide=guide, guidance_interval=interval,
                                   precision=config.get("precision", "fp32")).cpu())
     samples = torch.cat(chunks).numpy()
     seconds = time.time() - tic

@@ -249,7 +249,8 @@ IMAGE_FLAG_VALUES = {
     "autoguidance": ["1", "2"], "guide_epoch": ["1", "1000"],
 }
 IMAGE_SWITCHES = ["--class_conditional", "--no-unet_attention", "--unet_attention"]
-CASES = [[f"--{flag}", value] for flag, values in IMAGE_FLAG_VALUES.items() for value in values]
+CASES = [[f"--{flag}", value] for flag, values in IMAGE_FLAG_VALUES.items() for value in values] + [
+    ["--guidance_interval", *pair] for pair in (("0", "999"), ("200", "200"), ("5", "2"), ("0", "1000"))]
 
 
 @pytest.mark.parametrize("flags", CASES + [[s] for s in IMAGE_SWITCHES], ids=lambda f: " ".join(f))
@@ -274,21 +275,27 @@ def test_each_image_flag_alone_works_or_names_only_itself(flags, tiny_dir, capsy
             if key == "autoguidance" and config["class_conditional"]:
                 value = 1.0  # classifier-free guidance instead
             assert config[key] == value, key
-    if config["autoguidance"] != 1:  # the guide's epoch falls inside the run
+    if config["autoguidance"] != 1:  # the guide's epoch falls inside the run, the guided steps inside T
         assert 1 <= config["guide_epoch"] <= config["num_epochs"]
+        low, high = config["guidance_interval"]
+        assert 0 <= low <= high < config["num_timesteps"]
 
 
 def test_image_flags_that_contradict_each_other_are_errors(tiny_dir, capsys):
     for flags, named in ((["--num_timesteps", "100", "--num_inference_steps", "150"], "--num_inference_steps"),
                          (["--sampler", "ddpm", "--num_inference_steps", "10"], "--sampler"),
                          (["--class_conditional", "--autoguidance", "2"], "--autoguidance"),
-                         (["--autoguidance", "1", "--guide_epoch", "3"], "--guide_epoch")):
+                         (["--autoguidance", "1", "--guide_epoch", "3"], "--guide_epoch"),
+                         (["--autoguidance", "1", "--guidance_interval", "0", "500"], "--guidance_interval"),
+                         (["--num_timesteps", "100", "--guidance_interval", "0", "500"], "--guidance_interval")):
         with pytest.raises(SystemExit):
             ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, *flags])
         assert named in capsys.readouterr().err
     # derived defaults adapt: a short diffusion caps the frame's steps, ddpm walks all of them
     config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--num_timesteps", "20"])
     assert config["num_inference_steps"] == 20
+    low, high = image_defaults.GUIDANCE_INTERVAL  # the guided steps: the same shares of a shorter T
+    assert config["guidance_interval"] == [round(low * 19), round(high * 19)]
     config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--sampler", "ddpm"])
     assert config["num_inference_steps"] is None
     config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--num_epochs", "100"])
@@ -296,6 +303,7 @@ def test_image_flags_that_contradict_each_other_are_errors(tiny_dir, capsys):
     assert config["guide_epoch"] == round(100 * image_defaults.GUIDE_FRACTION)  # autoguidance's guide
     config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--class_conditional"])
     assert config["autoguidance"] == 1 and config["guide_epoch"] is None  # classifier-free guidance instead
+    assert config["guidance_interval"] is None  # ... at every step
     with pytest.raises(SystemExit):
         ddpm.parse_config(["--dataset", "moons", "--autoguidance", "2"])  # 2D runs keep no guide
     assert "--autoguidance" in capsys.readouterr().err
@@ -329,10 +337,13 @@ def test_autoguidance_keeps_the_ema_of_its_epoch_and_survives_a_resume(tiny_dir,
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert np.array_equal(np.load(tmp_path / "cut" / "frames.npy"), guided_frames)
     # sample.py uses the experiment's autoguidance; --autoguidance 1 turns it off
-    a, b, c = (run_tool("sample.py", tmp_path / "guided", "--num_samples", "4", "--output", tmp_path / f"{n}.npy",
-                        *flags) for n, flags in (("a", []), ("b", ["--autoguidance", "1"]), ("c", ["--autoguidance", "2"])))
-    assert a.returncode == b.returncode == c.returncode == 0, a.stderr[-2000:]
+    a, b, c, e = (run_tool("sample.py", tmp_path / "guided", "--num_samples", "4", "--output", tmp_path / f"{n}.npy",
+                           *flags) for n, flags in (("a", []), ("b", ["--autoguidance", "1"]), ("c", ["--autoguidance", "2"]),
+                                                    ("e", ["--guidance_interval", "0", "19"])))
+    assert a.returncode == b.returncode == c.returncode == e.returncode == 0, a.stderr[-2000:]
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "c.npy"))
     assert not np.allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    # the experiment guides the middle steps only ([3, 15] of T = 20); guiding all of them differs
+    assert not np.allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "e.npy"))
     missing = run_tool("sample.py", tmp_path / "plain", "--autoguidance", "2", "--output", tmp_path / "d.npy")
     assert missing.returncode == 2 and "model_guide.pth" in missing.stderr and "Traceback" not in missing.stderr

@@ -369,3 +369,30 @@ def test_autoguidance_extrapolates_away_from_the_guide():
     assert means[0] == pytest.approx(1.0, abs=0.02) and variances[0] == pytest.approx(0.25, rel=0.05)
     assert means[0] + 0.03 < means[1] < means[2] - 0.03
     assert variances[0] * 0.9 > variances[1] > variances[2] * 1.05
+
+
+def test_guidance_interval_guides_exactly_the_steps_inside_it():
+    # guidance_interval (lo, hi): the guide is evaluated at the steps with lo <= t <= hi and nowhere
+    # else; the whole range is plain guidance, a range no step visits is the unguided sampler.
+    s = NoiseScheduler(1000, "cosine", prediction="v")
+    model, exact_guide = ExactGaussianDenoiser(s, 1.0, 0.5), ExactGaussianDenoiser(s, 0.5, 1.0)
+    seen = []
+
+    def guide(x, t):
+        seen.append(int(t[0]))
+        return exact_guide(x, t)
+
+    def draw(interval, w=2.0):
+        return sample(model, s, (4000, 2), sampler="ddim", num_inference_steps=20, eta=1.0, guide=guide,
+                      guidance_scale=w, guidance_interval=interval, generator=torch.Generator().manual_seed(0))
+
+    steps = s.inference_timesteps(20, "uniform")
+    partly = draw((150, 800))
+    assert seen == [t for t in steps if 150 <= t <= 800] and 0 < len(seen) < len(steps)
+    seen.clear()
+    assert torch.equal(draw((0, 999)), draw(None)) and seen == steps + steps
+    seen.clear()
+    gap = (steps[3] + 1, steps[2] - 1)  # between two visited timesteps
+    assert torch.equal(draw(gap), draw(None, w=1.0)) and seen == []
+    # guided in part: narrower than the model's samples, wider than guided everywhere
+    assert float(draw(None, w=1.0).var()) > float(partly.var()) > float(draw(None).var())
