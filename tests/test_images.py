@@ -343,7 +343,7 @@ def test_autoguidance_keeps_the_ema_of_its_epoch_and_survives_a_resume(tiny_dir,
     assert a.returncode == b.returncode == c.returncode == e.returncode == 0, a.stderr[-2000:]
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "c.npy"))
     assert not np.allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
-    # the experiment guides the middle steps only ([3, 15] of T = 20); guiding all of them differs
+    # the experiment guides the middle steps only ([3, 16] of T = 20); guiding all of them differs
     assert not np.allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "e.npy"))
     missing = run_tool("sample.py", tmp_path / "plain", "--autoguidance", "2", "--output", tmp_path / "d.npy")
     assert missing.returncode == 2 and "model_guide.pth" in missing.stderr and "Traceback" not in missing.stderr
