@@ -241,6 +241,13 @@ def sampling_error(sampler, num_inference_steps, num_timesteps):
     return None
 
 
+def guidance_interval_error(interval, num_timesteps):
+    """Why the guided steps `interval` (lo, hi) don't fit T timesteps, in one line; None if they do."""
+    if interval and not 0 <= interval[0] <= interval[1] < num_timesteps:
+        return f"--guidance_interval needs 0 <= LO <= HI < T = {num_timesteps}, got {list(interval)}"
+    return None
+
+
 @torch.no_grad()
 def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None, eta=None, timestep_spacing=None,
            generator=None, device="cpu", labels=None, guidance_scale=1.0, guide=None, guidance_interval=None,
@@ -588,7 +595,6 @@ def validate(config, parser):
     start = config["beta_start"] if config["beta_start"] is not None else start
     end = config["beta_end"] if config["beta_end"] is not None else end
     sinusoidal = "sinusoidal" in (config["time_embedding"], config["input_embedding"])
-    interval = config["guidance_interval"]
     for failed, message in [  # --compile on for images: the U-Net's step compiled for minutes, and not in bf16
         (config["beta_schedule"] != "cosine" and start > end, f"--beta_start {start:g} is larger than --beta_end {end:g}"),
         (not is_image and sinusoidal and config["embedding_size"] % 2,
@@ -602,14 +608,13 @@ def validate(config, parser):
          "--guide_epoch is for autoguidance (unconditional image runs, guidance weight other than 1)"),
         ((config["guide_epoch"] or 0) > config["num_epochs"],
          f"--guide_epoch {config['guide_epoch']} is after the last epoch ({config['num_epochs']})"),
-        (interval and config["autoguidance"] == 1 and not config["class_conditional"],
+        (config["guidance_interval"] and config["autoguidance"] == 1 and not config["class_conditional"],
          "--guidance_interval is for guided image runs (--autoguidance or --class_conditional)"),
-        (interval and not 0 <= interval[0] <= interval[1] < config["num_timesteps"],
-         f"--guidance_interval needs 0 <= LO <= HI < T = {config['num_timesteps']}, got {interval}"),
     ]:
         if failed:
             parser.error(message)
     error = (sampling_error(config["sampler"], config["num_inference_steps"], config["num_timesteps"])
+             or guidance_interval_error(config["guidance_interval"], config["num_timesteps"])
              or (is_image and image_defaults.model_error(config)) or experiment.environment_error(config))
     if error:
         parser.error(error)

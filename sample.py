@@ -122,9 +122,10 @@ def main(argv=None):
         except CheckpointError as e:
             parser.error(str(e))
 
+    error = ddpm.guidance_interval_error(args.guidance_interval, scheduler.num_timesteps)
+    if error:
+        parser.error(error)
     interval = args.guidance_interval or config.get("guidance_interval")
-    if args.guidance_interval and not 0 <= interval[0] <= interval[1] < scheduler.num_timesteps:
-        parser.error(f"--guidance_interval needs 0 <= LO <= HI < T = {scheduler.num_timesteps}, got {interval}")
     shape_tail = datasets.sample_shape(config)
     generator = torch.Generator(device).manual_seed(args.seed)
     tic = time.time()
