@@ -248,7 +248,7 @@ def guidance_interval_error(interval, num_timesteps):
     return None
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all: a few % faster than no_grad
 def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None, eta=None, timestep_spacing=None,
            generator=None, device="cpu", labels=None, guidance_scale=1.0, guide=None, guidance_interval=None,
            trajectory=False, precision="fp32"):

@@ -296,6 +296,12 @@ def test_image_flags_that_contradict_each_other_are_errors(tiny_dir, capsys):
     assert config["num_inference_steps"] == 20
     low, high = image_defaults.GUIDANCE_INTERVAL  # the guided steps: the same shares of a shorter T
     assert config["guidance_interval"] == [round(low * 19), round(high * 19)]
+    config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir])
+    assert config["num_inference_steps"] == image_defaults.AUTOGUIDED_STEPS  # autoguided: the few-step frame
+    config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--autoguidance", "1"])
+    assert config["num_inference_steps"] == image_defaults.DEFAULTS["num_inference_steps"]  # unguided: 150
+    config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--num_inference_steps", "50"])
+    assert config["num_inference_steps"] == 50  # what the user typed wins
     config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--sampler", "ddpm"])
     assert config["num_inference_steps"] is None
     config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--num_epochs", "100"])
@@ -304,6 +310,7 @@ def test_image_flags_that_contradict_each_other_are_errors(tiny_dir, capsys):
     config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--class_conditional"])
     assert config["autoguidance"] == 1 and config["guide_epoch"] is None  # classifier-free guidance instead
     assert config["guidance_interval"] is None  # ... at every step
+    assert config["num_inference_steps"] == image_defaults.DEFAULTS["num_inference_steps"]  # of all 150
     with pytest.raises(SystemExit):
         ddpm.parse_config(["--dataset", "moons", "--autoguidance", "2"])  # 2D runs keep no guide
     assert "--autoguidance" in capsys.readouterr().err
@@ -343,7 +350,7 @@ def test_autoguidance_keeps_the_ema_of_its_epoch_and_survives_a_resume(tiny_dir,
     assert a.returncode == b.returncode == c.returncode == e.returncode == 0, a.stderr[-2000:]
     assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "c.npy"))
     assert not np.allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
-    # the experiment guides the middle steps only ([3, 16] of T = 20); guiding all of them differs
+    # the experiment guides the middle steps only ([9, 16] of T = 20); guiding all of them differs
     assert not np.allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "e.npy"))
     missing = run_tool("sample.py", tmp_path / "plain", "--autoguidance", "2", "--output", tmp_path / "d.npy")
     assert missing.returncode == 2 and "model_guide.pth" in missing.stderr and "Traceback" not in missing.stderr
