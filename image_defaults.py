@@ -64,12 +64,13 @@ def apply(config, given):
         config["num_epochs"] = max(1, round(IMAGES_SEEN / n))
     if config["class_conditional"] and "autoguidance" not in given:
         config["autoguidance"] = 1.0  # class-conditional runs have classifier-free guidance instead
+    autoguided = config["autoguidance"] != 1.0
     if "num_inference_steps" not in given:
-        steps = AUTOGUIDED_STEPS if config["autoguidance"] != 1.0 else config["num_inference_steps"]
+        steps = AUTOGUIDED_STEPS if autoguided else config["num_inference_steps"]
         config["num_inference_steps"] = None if config["sampler"] == "ddpm" else min(steps, config["num_timesteps"])
-    if config["autoguidance"] != 1.0 and "guide_epoch" not in given:
+    if autoguided and "guide_epoch" not in given:
         config["guide_epoch"] = max(1, round(GUIDE_FRACTION * config["num_epochs"]))
-    if config["autoguidance"] != 1.0 and "guidance_interval" not in given:
+    if autoguided and "guidance_interval" not in given:
         config["guidance_interval"] = [round(share * (config["num_timesteps"] - 1)) for share in GUIDANCE_INTERVAL]
     if "save_images_step" not in given:
         config["save_images_step"] = config["num_epochs"]
