@@ -14,7 +14,7 @@ import cli
 import datasets
 import image_data
 
-IMAGES_SEEN = 360_000  # 90 epochs of 4,000 digits: ~23 minutes of training on a 2-core CPU (docs/mnist.md)
+IMAGES_SEEN = 360_000  # 90 epochs of 4,000 digits: 21-28 minutes of training on a 2-core CPU (docs/mnist.md)
 DEFAULTS = {"dataset_size": 60000, "num_timesteps": 1000, "beta_schedule": "cosine", "clip_sample": 1.0,
             "prediction": "v", "min_snr_gamma": 5.0,
             "train_batch_size": 64, "learning_rate": 1e-3, "ema_decay": 0.999,
