@@ -438,7 +438,7 @@ def learning_rate_at(step, total_steps, config):
 
 
 def ema_decay_at(step, decay):
-    """EMA warm-up: the decay (1 + step) / (10 + step) until it reaches `decay` (at step ~10 / (1 - decay)).
+    """EMA warm-up: the decay (1 + step) / (10 + step) until it reaches `decay` (at step 9 / (1 - decay) - 10).
     Until then the EMA is a power average: step s's weights count about s^8, centred 10% of the steps
     back (a 5,670-step image run never reaches 0.999: docs/mnist.md)."""
     return min(decay, (1 + step) / (10 + step))
