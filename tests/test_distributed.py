@@ -50,6 +50,9 @@ def _one_step_on_rank(rank, world_size, port, batch, out_path):
     ddpm.training_step(net, scheduler, optimizer, x[part], noise[part], t[part])
     if rank == 0:
         torch.save(model.state_dict(), out_path)
+    # both ranks done before either tears gloo down: a rank that leaves while the other is still
+    # saving can kill it ("terminate called without an active exception", once in a full test run)
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
