@@ -188,10 +188,14 @@ class NoiseScheduler:
         mean, variance = self.q_posterior(x0, x_t, t)
         return mean + variance.sqrt() * noise  # variance is 0 at t = 0
 
-    def ddim_step(self, model_output, t, prev_t, x_t, eta, noise):
+    def ddim_step(self, model_output, t, prev_t, x_t, eta, noise, direction_output=None):
         """One DDIM step x_t -> x_{prev_t} (Song et al. 2021, eq. 12), prev_t < t; prev_t = -1
-        means x_0. eta = 0 is deterministic; eta = 1 with prev_t = t - 1 is the DDPM step."""
+        means x_0. eta = 0 is deterministic; eta = 1 with prev_t = t - 1 is the DDPM step.
+        direction_output, if given, supplies the eps of the step's noise direction; x_0 still comes
+        from model_output (guidance on x_0 only: `sample`'s guide_x0_only)."""
         x0, eps = self.predict_x0_and_eps(model_output, x_t, t)
+        if direction_output is not None:
+            _, eps = self.predict_x0_and_eps(direction_output, x_t, t)
         alpha_bar_prev = (self._at(self.alphas_cumprod, prev_t, x_t) if prev_t[0] >= 0
                           else torch.ones_like(self._at(self.alphas_cumprod, t, x_t)))
         return self._ddim_update(x0, eps, self._at(self.alphas_cumprod, t, x_t), alpha_bar_prev, eta, noise)
@@ -251,7 +255,7 @@ def guidance_interval_error(interval, num_timesteps):
 @torch.inference_mode()  # no autograd bookkeeping at all: a few % faster than no_grad
 def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None, eta=None, timestep_spacing=None,
            generator=None, device="cpu", labels=None, guidance_scale=1.0, guide=None, guidance_interval=None,
-           trajectory=False, precision="fp32"):
+           trajectory=False, precision="fp32", guide_x0_only=False):
     """Run the reverse process from x_T ~ N(0, I) of `shape` [B, ...] and return x_0.
 
     sampler "ddpm" walks all T steps with `step` (num_inference_steps must be None or T);
@@ -263,7 +267,8 @@ def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None,
     of the model) takes eps_null's place (autoguidance). guidance_interval (lo, hi) guides only the
     steps with lo <= t <= hi, one network evaluation elsewhere (Kynkäänniemi et al. 2024: guidance at
     the highest noise levels costs variety, at the lowest it does little). trajectory=True returns
-    every x_t too.
+    every x_t too. guide_x0_only: a guided ddim step takes x_0 from the guided prediction but the eps
+    of its noise direction from the model's own (after CFG++, Chung et al. 2024; docs/mnist.md).
     precision "bf16" runs the network in bfloat16 (autocast); the update itself stays in fp32.
     """
     error = sampling_error(sampler, num_inference_steps, scheduler.num_timesteps)
@@ -280,15 +285,17 @@ def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None,
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             # the network gets t as [1]: one timestep for the whole batch (the MLP embeds it once)
             guided = guidance_interval is None or guidance_interval[0] <= t <= guidance_interval[1]
-            model_output = model_prediction(model, x, t_batch[:1], labels, guidance_scale if guided else 1.0,
-                                            guide).float()
+            model_output, own_output = model_prediction(model, x, t_batch[:1], labels,
+                                                        guidance_scale if guided else 1.0, guide, own=True)
+        model_output, own_output = model_output.float(), own_output.float()
         stochastic = t > 0 and sampler != "dpmpp_2m"  # ddpm and ddim draw noise at eta = 0 too, as they always did
         noise = torch.randn(shape, generator=generator, device=device) if stochastic else torch.zeros_like(x)
         if sampler == "ddpm":
             x = scheduler.step(model_output, t_batch, x, noise)
         elif sampler == "ddim":
             prev_batch = torch.full((shape[0],), prev_t, device=device, dtype=torch.long)
-            x = scheduler.ddim_step(model_output, t_batch, prev_batch, x, eta, noise)
+            x = scheduler.ddim_step(model_output, t_batch, prev_batch, x, eta, noise,
+                                    own_output if guide_x0_only else None)
         else:  # first order at the first step (no history yet)
             x0, _ = scheduler.predict_x0_and_eps(model_output, x, t_batch)
             x = scheduler.dpm_solver_step(x0, t, prev_t, x, last, eta if sampler == "dpmpp_2m_sde" else 0.0, noise)
@@ -298,23 +305,27 @@ def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None,
     return torch.stack(steps) if trajectory else x
 
 
-def model_prediction(model, x, t, labels=None, guidance_scale=1.0, guide=None):
+def model_prediction(model, x, t, labels=None, guidance_scale=1.0, guide=None, own=False):
     """The network's output at (x, t), guided when guidance_scale w != 1: out = weak + w (out - weak),
     which pushes the prediction away from a weaker one. With labels, the weaker one is the model's
     own without the label (classifier-free guidance); without, the `guide` model's: the same network
-    earlier in training, whose errors the guidance steers away from (autoguidance, Karras et al. 2024)."""
+    earlier in training, whose errors the guidance steers away from (autoguidance, Karras et al. 2024).
+    own=True returns (guided, the model's own output: with the label, without the guide)."""
     if labels is None:
         if guide is None or guidance_scale == 1.0:
-            return model(x, t)
-        weak = guide(x, t)
-        return weak + guidance_scale * (model(x, t) - weak)
-    if guidance_scale == 1.0:
-        return model(x, t, labels)
-    null = torch.full_like(labels, model.null_label)
-    t = t.expand(len(x))  # t may be [1], shared by the batch
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
-    conditional, unconditional = out.chunk(2)
-    return unconditional + guidance_scale * (conditional - unconditional)
+            out = model(x, t)
+            return (out, out) if own else out
+        weak, strong = guide(x, t), model(x, t)
+    elif guidance_scale == 1.0:
+        out = model(x, t, labels)
+        return (out, out) if own else out
+    else:
+        null = torch.full_like(labels, model.null_label)
+        t = t.expand(len(x))  # t may be [1], shared by the batch
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+        strong, weak = out.chunk(2)
+    guided = weak + guidance_scale * (strong - weak)
+    return (guided, strong) if own else guided
 
 
 # ---------------------------------------------------------------------------------------
@@ -612,6 +623,9 @@ def validate(config, parser):
          f"--guide_epoch {config['guide_epoch']} is after the last epoch ({config['num_epochs']})"),
         (config["guidance_interval"] and config["autoguidance"] == 1 and not config["class_conditional"],
          "--guidance_interval is for guided image runs (--autoguidance or --class_conditional)"),
+        (config["guide_x0_only"] and config["autoguidance"] == 1 and not config["class_conditional"],
+         "--guide_x0_only is for guided image runs (--autoguidance or --class_conditional)"),
+        (config["guide_x0_only"] and config["sampler"] != "ddim", "--guide_x0_only is for --sampler ddim"),
     ]:
         if failed:
             parser.error(message)

@@ -77,7 +77,8 @@ class FrameMaker:
                 timestep_spacing=self.config.get("timestep_spacing"),
                 generator=generator, device=self.device, labels=labels,
                 guidance_scale=guidance, guide=guide, guidance_interval=self.config.get("guidance_interval"),
-                precision=self.config.get("precision", "fp32")).cpu())
+                precision=self.config.get("precision", "fp32"),
+                guide_x0_only=self.config.get("guide_x0_only", False)).cpu())
         x = torch.cat(chunks)
         # class-conditional: the score also says how often the classifier agrees with the requested label
         score = self.scorer(x, torch.arange(n) % self.model.num_classes) if conditional else self.scorer(x)

@@ -41,6 +41,10 @@ def add_flags(parser):
     images.add_argument("--guidance_interval", type=cli.nonnegative_int, nargs=2, metavar=("LO", "HI"), default=None,
                         help="guide only the sampling steps with LO <= t <= HI (Kynkäänniemi et al. 2024); "
                              f"default: all, or {GUIDANCE_INTERVAL[0]:g} T to {GUIDANCE_INTERVAL[1]:g} T when autoguided")
+    images.add_argument("--guide_x0_only", action="store_true",
+                        help="guided ddim steps take x_0 from the guided prediction, the eps of their noise direction "
+                             "from the model's own (after CFG++); its weight is on another scale: try "
+                             "--autoguidance 1.3 (docs/mnist.md)")
     images.add_argument("--unet_channels", type=cli.positive_int, default=32,
                         help="U-Net width at 28x28 (x2 at 14x14 and 7x7)")
     images.add_argument("--unet_depth", type=cli.positive_int, default=1, help="residual blocks per U-Net level")

@@ -42,6 +42,9 @@ def build_parser():
                         "(default: the experiment's; 1 = off)")
     p.add_argument("--guidance_interval", type=cli.nonnegative_int, nargs=2, metavar=("LO", "HI"), default=None,
                    help="guide only the steps with LO <= t <= HI (default: the experiment's)")
+    p.add_argument("--guide_x0_only", action=argparse.BooleanOptionalAction, default=None,
+                   help="guided ddim steps: x_0 from the guided prediction, the noise direction from the model's "
+                        "own (default: the experiment's)")
     p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                    help="auto: EMA weights where the experiment has them")
     p.add_argument("--batch_size", type=cli.positive_int, default=10000, help="samples per forward pass")
@@ -126,6 +129,9 @@ def main(argv=None):
     if error:
         parser.error(error)
     interval = args.guidance_interval or config.get("guidance_interval")
+    x0_only = args.guide_x0_only if args.guide_x0_only is not None else config.get("guide_x0_only", False)
+    if args.guide_x0_only and sampler != "ddim":
+        parser.error("--guide_x0_only is for --sampler ddim")
     shape_tail = datasets.sample_shape(config)
     generator = torch.Generator(device).manual_seed(args.seed)
     tic = time.time()
@@ -140,7 +146,7 @@ def main(argv=None):
                                   num_inference_steps=steps, eta=eta, timestep_spacing=spacing,
                                   generator=generator, device=device,
                                   labels=labels, guidance_scale=guidance, guide=guide, guidance_interval=interval,
-                                  precision=config.get("precision", "fp32")).cpu())
+                                  precision=config.get("precision", "fp32"), guide_x0_only=x0_only).cpu())
     samples = torch.cat(chunks).numpy()
     seconds = time.time() - tic
     atomic_save_npy(output, samples)

@@ -248,7 +248,7 @@ IMAGE_FLAG_VALUES = {
     "unet_depth": ["2"], "embedding_size": ["7"], "hidden_size": ["16"], "input_embedding": ["identity"],
     "autoguidance": ["1", "2"], "guide_epoch": ["1", "1000"],
 }
-IMAGE_SWITCHES = ["--class_conditional", "--no-unet_attention", "--unet_attention"]
+IMAGE_SWITCHES = ["--class_conditional", "--no-unet_attention", "--unet_attention", "--guide_x0_only"]
 CASES = [[f"--{flag}", value] for flag, values in IMAGE_FLAG_VALUES.items() for value in values] + [
     ["--guidance_interval", *pair] for pair in (("0", "999"), ("200", "200"), ("5", "2"), ("0", "1000"))]
 
@@ -287,7 +287,9 @@ def test_image_flags_that_contradict_each_other_are_errors(tiny_dir, capsys):
                          (["--class_conditional", "--autoguidance", "2"], "--autoguidance"),
                          (["--autoguidance", "1", "--guide_epoch", "3"], "--guide_epoch"),
                          (["--autoguidance", "1", "--guidance_interval", "0", "500"], "--guidance_interval"),
-                         (["--num_timesteps", "100", "--guidance_interval", "0", "500"], "--guidance_interval")):
+                         (["--num_timesteps", "100", "--guidance_interval", "0", "500"], "--guidance_interval"),
+                         (["--autoguidance", "1", "--guide_x0_only"], "--guide_x0_only"),
+                         (["--sampler", "ddpm", "--guide_x0_only"], "--guide_x0_only")):
         with pytest.raises(SystemExit):
             ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, *flags])
         assert named in capsys.readouterr().err
@@ -352,5 +354,10 @@ def test_autoguidance_keeps_the_ema_of_its_epoch_and_survives_a_resume(tiny_dir,
     assert not np.allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
     # the experiment guides the middle steps only ([9, 16] of T = 20); guiding all of them differs
     assert not np.allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "e.npy"))
+    # --guide_x0_only (x_0 from the guided prediction, the noise direction from the model's own) differs
+    f = run_tool("sample.py", tmp_path / "guided", "--num_samples", "4", "--output", tmp_path / "f.npy", "--guide_x0_only")
+    assert f.returncode == 0 and not np.allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "f.npy"))
+    bad = run_tool("sample.py", tmp_path / "guided", "--sampler", "ddpm", "--guide_x0_only", "--output", tmp_path / "g.npy")
+    assert bad.returncode == 2 and "--guide_x0_only" in bad.stderr and "Traceback" not in bad.stderr
     missing = run_tool("sample.py", tmp_path / "plain", "--autoguidance", "2", "--output", tmp_path / "d.npy")
     assert missing.returncode == 2 and "model_guide.pth" in missing.stderr and "Traceback" not in missing.stderr

@@ -410,3 +410,57 @@ def test_guidance_interval_guides_exactly_the_steps_inside_it():
     assert torch.equal(draw(gap), draw(None, w=1.0)) and seen == []
     # guided in part: narrower than the model's samples, wider than guided everywhere
     assert float(draw(None, w=1.0).var()) > float(partly.var()) > float(draw(None).var())
+
+
+def test_guide_x0_only_takes_x0_from_the_guided_prediction_and_the_direction_from_the_models_own():
+    # DDIM's step (Song et al. 2021, eq. 12) written out by hand for v-prediction, without clipping:
+    # x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z, with x0 from one
+    # output and eps from the other
+    s = NoiseScheduler(1000, "cosine", prediction="v", clip_sample=None)
+    x_t, guided, own, z = (torch.randn(50, 3) for _ in range(4))
+    t, prev_t, eta = 600, 560, 1.0
+    abar, abar_prev = s.alphas_cumprod[t], s.alphas_cumprod[prev_t]
+    x0 = abar.sqrt() * x_t - (1 - abar).sqrt() * guided           # x0 of the guided v
+    eps = (1 - abar).sqrt() * x_t + abar.sqrt() * own             # eps of the model's own v
+    sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+    expected = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).sqrt() * eps + sigma * z
+    tb, pb = torch.full((50,), t), torch.full((50,), prev_t)
+    torch.testing.assert_close(s.ddim_step(guided, tb, pb, x_t, eta, z, direction_output=own), expected)
+    assert torch.equal(s.ddim_step(guided, tb, pb, x_t, eta, z, direction_output=guided),
+                       s.ddim_step(guided, tb, pb, x_t, eta, z))  # the same output for both: plain DDIM
+
+    # through sample(): the sixth of 10 deterministic steps, by hand from the two denoisers
+    s = NoiseScheduler(1000, "cosine", prediction="v", clip_sample=1.0)
+    model, guide = ExactGaussianDenoiser(s, 0.5, 0.3), ExactGaussianDenoiser(s, 0.2, 0.6)
+
+    def draw(w, x0_only, sampler="ddim"):
+        return sample(model, s, (500, 2), sampler=sampler, num_inference_steps=10 if sampler == "ddim" else None,
+                      eta=0.0, guide=guide, guidance_scale=w, guide_x0_only=x0_only, trajectory=True,
+                      generator=torch.Generator().manual_seed(3))
+
+    trajectory, plain = draw(2.0, True), draw(2.0, False)
+    x, (t, prev_t) = trajectory[5], s.inference_timesteps(10, "uniform")[5:7]
+    tb, pb = torch.full((500,), t), torch.full((500,), prev_t)
+    strong, weak = model(x, tb), guide(x, tb)
+    assert torch.equal(ddpm.model_prediction(model, x, tb, guidance_scale=2.0, guide=guide, own=True)[1], strong)
+    by_hand = s.ddim_step(weak + 2.0 * (strong - weak), tb, pb, x, 0.0, torch.zeros_like(x), direction_output=strong)
+    torch.testing.assert_close(trajectory[6], by_hand)
+    plain_step = s.ddim_step(weak + 2.0 * (strong - weak), tb, pb, x, 0.0, torch.zeros_like(x))
+    assert (by_hand - plain_step).abs().max() > 1e-2  # a check that can tell the two steps apart
+    assert not torch.allclose(trajectory[-1], plain[-1], atol=1e-2)  # plain guidance moves eps too
+    assert torch.equal(draw(1.0, True), draw(1.0, False))  # unguided: nothing to split
+    # the ancestral step uses x0 alone: nothing changes there
+    assert torch.equal(draw(2.0, True, "ddpm")[-1], draw(2.0, False, "ddpm")[-1])
+
+
+def test_classifier_free_guidance_returns_the_labelled_prediction_as_the_models_own():
+    class Conditional(torch.nn.Module):  # output: x times (label + 1); the null label is 10
+        null_label = 10
+
+        def forward(self, x, t, labels):
+            return x * (labels + 1).reshape(-1, 1).to(x.dtype)
+
+    x, labels = torch.randn(6, 2), torch.tensor([0, 1, 2, 3, 4, 5])
+    guided, own = ddpm.model_prediction(Conditional(), x, torch.tensor([7]), labels, guidance_scale=3.0, own=True)
+    torch.testing.assert_close(own, x * (labels + 1).reshape(-1, 1).float())
+    torch.testing.assert_close(guided, 11 * x + 3.0 * (own - 11 * x))
