@@ -5,8 +5,9 @@ The values were measured for 28x28 images on a 2-core CPU (docs/mnist.md). A def
 depends on another setting gives way to what the user typed: the epochs are as many as it takes
 to show the network IMAGES_SEEN training images, whatever the size of the training set; the
 frame's sampling steps are capped at T, and the guided ones are shares of T; the ddpm sampler
-walks every step; and the one frame is drawn at the last epoch; a checkpoint is written about ten
-times a run. Only flags the user gave can contradict each other.
+walks every step, and its guided steps move eps too, at their own weight; the one frame is drawn
+at the last epoch; a checkpoint is written about ten times a run. Only flags the user gave can
+contradict each other.
 """
 import argparse
 
@@ -19,7 +20,8 @@ DEFAULTS = {"dataset_size": 60000, "num_timesteps": 1000, "beta_schedule": "cosi
             "prediction": "v", "min_snr_gamma": 5.0,
             "train_batch_size": 64, "learning_rate": 1e-3, "ema_decay": 0.999,
             "sampler": "ddim", "num_inference_steps": 150, "eta": 1.0, "eval_batch_size": 1000,
-            "lr_schedule": "constant", "low_noise_fraction": 0.0, "autoguidance": 2.75}
+            "lr_schedule": "constant", "low_noise_fraction": 0.0, "autoguidance": 1.3}
+PLAIN_AUTOGUIDANCE = 2.75  # the weight when guided steps move eps too (--no-guide_x0_only, other samplers: docs/mnist.md)
 GUIDE_FRACTION = 0.22  # autoguidance's guide: the EMA weights after this share of the epochs, 20 of 90 (docs/mnist.md)
 GUIDANCE_INTERVAL = (0.45, 0.86)  # autoguidance at these shares of T only: 450 <= t <= 859 of 1000 (docs/mnist.md)
 AUTOGUIDED_STEPS = 40  # an autoguided frame: 40 DDIM steps, 16 of them guided: 56 network evaluations (docs/mnist.md)
@@ -41,10 +43,11 @@ def add_flags(parser):
     images.add_argument("--guidance_interval", type=cli.nonnegative_int, nargs=2, metavar=("LO", "HI"), default=None,
                         help="guide only the sampling steps with LO <= t <= HI (Kynkäänniemi et al. 2024); "
                              f"default: all, or {GUIDANCE_INTERVAL[0]:g} T to {GUIDANCE_INTERVAL[1]:g} T when autoguided")
-    images.add_argument("--guide_x0_only", action="store_true",
+    images.add_argument("--guide_x0_only", action=argparse.BooleanOptionalAction, default=None,
                         help="guided ddim steps take x_0 from the guided prediction, the eps of their noise direction "
-                             "from the model's own (after CFG++); its weight is on another scale: try "
-                             "--autoguidance 1.3 (docs/mnist.md)")
+                             "from the model's own (after CFG++, Chung et al. 2024); default: on when autoguided with "
+                             f"ddim, where --autoguidance defaults to {DEFAULTS['autoguidance']:g} "
+                             f"(off: {PLAIN_AUTOGUIDANCE:g})")
     images.add_argument("--unet_channels", type=cli.positive_int, default=32,
                         help="U-Net width at 28x28 (x2 at 14x14 and 7x7)")
     images.add_argument("--unet_depth", type=cli.positive_int, default=1, help="residual blocks per U-Net level")
@@ -54,7 +57,8 @@ def add_flags(parser):
                      + ", ".join(f"--{k} {v}" for k, v in DEFAULTS.items())
                      + f"; --num_epochs: {IMAGES_SEEN:,} training images seen (90 epochs of 4,000); the frame's "
                        f"steps at most T, {AUTOGUIDED_STEPS} when autoguided, guided at "
-                       f"{GUIDANCE_INTERVAL[0]:g} T <= t <= {GUIDANCE_INTERVAL[1]:g} T; the one frame at the last "
+                       f"{GUIDANCE_INTERVAL[0]:g} T <= t <= {GUIDANCE_INTERVAL[1]:g} T, x_0 only with ddim (--guide_x0_only; "
+                       f"else --autoguidance {PLAIN_AUTOGUIDANCE:g}); the one frame at the last "
                        "epoch; about ten checkpoints; class-conditional runs: --autoguidance 1.")
 
 
@@ -69,6 +73,10 @@ def apply(config, given):
     if config["class_conditional"] and "autoguidance" not in given:
         config["autoguidance"] = 1.0  # class-conditional runs have classifier-free guidance instead
     autoguided = config["autoguidance"] != 1.0
+    if "guide_x0_only" not in given:
+        config["guide_x0_only"] = autoguided and config["sampler"] == "ddim"
+    if autoguided and not config["guide_x0_only"] and "autoguidance" not in given:
+        config["autoguidance"] = PLAIN_AUTOGUIDANCE  # the default weight is on guide_x0_only's scale
     if "num_inference_steps" not in given:
         steps = AUTOGUIDED_STEPS if autoguided else config["num_inference_steps"]
         config["num_inference_steps"] = None if config["sampler"] == "ddpm" else min(steps, config["num_timesteps"])

@@ -248,7 +248,7 @@ IMAGE_FLAG_VALUES = {
     "unet_depth": ["2"], "embedding_size": ["7"], "hidden_size": ["16"], "input_embedding": ["identity"],
     "autoguidance": ["1", "2"], "guide_epoch": ["1", "1000"],
 }
-IMAGE_SWITCHES = ["--class_conditional", "--no-unet_attention", "--unet_attention", "--guide_x0_only"]
+IMAGE_SWITCHES = ["--class_conditional", "--no-unet_attention", "--unet_attention", "--guide_x0_only", "--no-guide_x0_only"]
 CASES = [[f"--{flag}", value] for flag, values in IMAGE_FLAG_VALUES.items() for value in values] + [
     ["--guidance_interval", *pair] for pair in (("0", "999"), ("200", "200"), ("5", "2"), ("0", "1000"))]
 
@@ -274,6 +274,8 @@ def test_each_image_flag_alone_works_or_names_only_itself(flags, tiny_dir, capsy
         if key not in given and key not in ("num_inference_steps", "save_images_step"):
             if key == "autoguidance" and config["class_conditional"]:
                 value = 1.0  # classifier-free guidance instead
+            elif key == "autoguidance" and not config["guide_x0_only"]:
+                value = image_defaults.PLAIN_AUTOGUIDANCE  # guided steps that move eps too: their own weight
             assert config[key] == value, key
     if config["autoguidance"] != 1:  # the guide's epoch falls inside the run, the guided steps inside T
         assert 1 <= config["guide_epoch"] <= config["num_epochs"]
@@ -300,6 +302,12 @@ def test_image_flags_that_contradict_each_other_are_errors(tiny_dir, capsys):
     assert config["guidance_interval"] == [round(low * 19), round(high * 19)]
     config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir])
     assert config["num_inference_steps"] == image_defaults.AUTOGUIDED_STEPS  # autoguided: the few-step frame
+    assert config["guide_x0_only"] and config["autoguidance"] == image_defaults.DEFAULTS["autoguidance"]
+    for flags in (["--sampler", "ddpm"], ["--no-guide_x0_only"]):  # guided steps that move eps too: their weight
+        config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, *flags])
+        assert not config["guide_x0_only"] and config["autoguidance"] == image_defaults.PLAIN_AUTOGUIDANCE
+    config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--class_conditional"])
+    assert not config["guide_x0_only"]  # classifier-free guidance keeps its plain steps
     config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--autoguidance", "1"])
     assert config["num_inference_steps"] == image_defaults.DEFAULTS["num_inference_steps"]  # unguided: 150
     config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--num_inference_steps", "50"])
@@ -354,8 +362,9 @@ def test_autoguidance_keeps_the_ema_of_its_epoch_and_survives_a_resume(tiny_dir,
     assert not np.allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
     # the experiment guides the middle steps only ([9, 16] of T = 20); guiding all of them differs
     assert not np.allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "e.npy"))
-    # --guide_x0_only (x_0 from the guided prediction, the noise direction from the model's own) differs
-    f = run_tool("sample.py", tmp_path / "guided", "--num_samples", "4", "--output", tmp_path / "f.npy", "--guide_x0_only")
+    # the experiment guides x_0 only (its config's guide_x0_only); --no-guide_x0_only moves eps too: it differs
+    assert json.load(open(tmp_path / "guided" / "config.json"))["guide_x0_only"] is True
+    f = run_tool("sample.py", tmp_path / "guided", "--num_samples", "4", "--output", tmp_path / "f.npy", "--no-guide_x0_only")
     assert f.returncode == 0 and not np.allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "f.npy"))
     bad = run_tool("sample.py", tmp_path / "guided", "--sampler", "ddpm", "--guide_x0_only", "--output", tmp_path / "g.npy")
     assert bad.returncode == 2 and "--guide_x0_only" in bad.stderr and "Traceback" not in bad.stderr
