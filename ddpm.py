@@ -287,15 +287,16 @@ def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None,
             guided = guidance_interval is None or guidance_interval[0] <= t <= guidance_interval[1]
             model_output, own_output = model_prediction(model, x, t_batch[:1], labels,
                                                         guidance_scale if guided else 1.0, guide, own=True)
-        model_output, own_output = model_output.float(), own_output.float()
+        # guide_x0_only: a guided step's noise direction from the model's own output (unguided: the same output)
+        direction = own_output.float() if guide_x0_only and own_output is not model_output else None
+        model_output = model_output.float()
         stochastic = t > 0 and sampler != "dpmpp_2m"  # ddpm and ddim draw noise at eta = 0 too, as they always did
         noise = torch.randn(shape, generator=generator, device=device) if stochastic else torch.zeros_like(x)
         if sampler == "ddpm":
             x = scheduler.step(model_output, t_batch, x, noise)
         elif sampler == "ddim":
             prev_batch = torch.full((shape[0],), prev_t, device=device, dtype=torch.long)
-            x = scheduler.ddim_step(model_output, t_batch, prev_batch, x, eta, noise,
-                                    own_output if guide_x0_only else None)
+            x = scheduler.ddim_step(model_output, t_batch, prev_batch, x, eta, noise, direction)
         else:  # first order at the first step (no history yet)
             x0, _ = scheduler.predict_x0_and_eps(model_output, x, t_batch)
             x = scheduler.dpm_solver_step(x0, t, prev_t, x, last, eta if sampler == "dpmpp_2m_sde" else 0.0, noise)
