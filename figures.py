@@ -1,5 +1,6 @@
 """The pictures of the README: the forward process, the reverse process, an animation of
-both, and the ablation grids (rows = a hyperparameter's values, columns = epochs).
+both, and the ablation grids (rows = a hyperparameter's values, columns = epochs); for
+docs/mnist.md, image runs side by side and the measured trade-off of MNIST frames.
 
 Every 2D panel uses the same axes as the frames of ddpm.py ([-6, 6]^2), so cells compare.
 """
@@ -147,10 +148,51 @@ def draw_image_runs(unconditional_dir, conditional_dir, path, n=10):
     plt.close(fig)
 
 
+def draw_tradeoff(csv_path, path, real_confident=91.4):
+    """MNIST frames as points: confident share (%) against Frechet distance / its floor, one colour per
+    setting (the table's columns: setting, confident, frechet_ratio), each setting's mean as a large
+    marker, the 1,000 real test digits as a star and the issue's target (>= 90%, <= 1.0x) shaded.
+    Returns {setting: (mean confident, mean frechet_ratio)}."""
+    import pandas as pd
+    table = pd.read_csv(csv_path)
+    missing = {"setting", "confident", "frechet_ratio"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{csv_path} has no column {', '.join(sorted(missing))}")
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=DPI)
+    means = {}
+    for i, (setting, rows) in enumerate(table.groupby("setting", sort=False)):
+        means[setting] = (rows["confident"].mean(), rows["frechet_ratio"].mean())
+        ax.scatter(rows["frechet_ratio"], rows["confident"], s=18, alpha=0.6, color=f"C{i}")
+        ax.scatter(means[setting][1], means[setting][0], s=110, marker="D", edgecolors="black", color=f"C{i}",
+                   label=f"{setting}: {means[setting][0]:.1f}%, {means[setting][1]:.2f}x ({len(rows)})")
+    top = max(table["confident"].max(), real_confident) + 1
+    ax.fill_between([0.85, 1.0], 90, top, color="green", alpha=0.12, label="target: >= 90%, <= 1.0x")
+    ax.scatter(1.0, real_confident, s=160, marker="*", color="black", label=f"real test digits: {real_confident:g}%, 1.00x")
+    ax.set_xlim(0.85, table["frechet_ratio"].max() + 0.05)
+    ax.set_ylim(table["confident"].min() - 1, top)
+    ax.set_xlabel("Frechet distance / its floor (lower: more like the real spread)")
+    ax.set_ylabel("confident >= 0.9 (%)")
+    ax.set_title("MNIST frames of 1,000 samples, the default run's weights (seeds 0-2)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return means
+
+
 if __name__ == "__main__":  # python figures.py RUN_DIR COND_RUN_DIR static/mnist.png
     import sys
-    if len(sys.argv) != 4 or not sys.argv[3].endswith(".png"):
+    if len(sys.argv) == 4 and sys.argv[1] == "--tradeoff" and sys.argv[3].endswith(".png"):
+        try:
+            draw_tradeoff(*sys.argv[2:4])
+        except (OSError, ValueError) as e:  # a missing or malformed table: one line, status 2
+            print(f"figures.py: error: {e}", file=sys.stderr)
+            sys.exit(2)
+    elif len(sys.argv) == 4 and sys.argv[3].endswith(".png"):
+        draw_image_runs(*sys.argv[1:4])
+    else:
         print("usage: python figures.py RUN_DIR COND_RUN_DIR OUT.png: the last frame of an unconditional image "
-              "run beside the rows 0-9 of a class-conditional one", file=sys.stderr)
+              "run beside the rows 0-9 of a class-conditional one;\n"
+              "       python figures.py --tradeoff MEASURED.csv OUT.png: confident share against Frechet / floor "
+              "(docs/mnist_tradeoff.csv)", file=sys.stderr)
         sys.exit(2)
-    draw_image_runs(*sys.argv[1:4])

@@ -28,3 +28,21 @@ def test_fast_2d_frame_equals_a_full_draw(tmp_path):
     differs = np.abs(fast - reference).max(axis=-1) > 0
     assert differs.mean() < 1e-3  # a few anti-aliased pixels where points overlap the spines
     assert (np.abs(before - reference).max(axis=-1) > 0).mean() > 0.01  # the check can tell frames apart
+
+
+def test_tradeoff_figure_means_and_bad_table(tmp_path):
+    """The trade-off plot's per-setting means are the plain means of the table's rows; a table
+    without the columns is a one-line error with status 2 from the command line."""
+    import figures
+    from helpers import assert_one_line_error, run_tool
+    table = tmp_path / "measured.csv"
+    table.write_text("setting,seed,draw,confident,frechet_ratio\n"
+                     "a,0,0,90.0,1.10\na,1,0,92.0,1.30\nb,0,0,81.0,1.00\n")
+    means = figures.draw_tradeoff(table, tmp_path / "tradeoff.png")
+    assert set(means) == {"a", "b"}
+    assert np.allclose(means["a"], (91.0, 1.20)) and np.allclose(means["b"], (81.0, 1.00))
+    assert PIL.Image.open(tmp_path / "tradeoff.png").size[0] > 300
+
+    (tmp_path / "bad.csv").write_text("setting,confident\na,90\n")
+    line = assert_one_line_error(run_tool("figures.py", "--tradeoff", tmp_path / "bad.csv", tmp_path / "bad.png"))
+    assert "frechet_ratio" in line and not (tmp_path / "bad.png").exists()
