@@ -166,9 +166,10 @@ def draw_tradeoff(csv_path, path, real_confident=91.4):
         ax.scatter(means[setting][1], means[setting][0], s=110, marker="D", edgecolors="black", color=f"C{i}",
                    label=f"{setting}: {means[setting][0]:.1f}%, {means[setting][1]:.2f}x ({len(rows)})")
     top = max(table["confident"].max(), real_confident) + 1
-    ax.fill_between([0.85, 1.0], 90, top, color="green", alpha=0.12, label="target: >= 90%, <= 1.0x")
+    left = min(0.85, table["frechet_ratio"].min() - 0.05)
+    ax.fill_between([left, 1.0], 90, top, color="green", alpha=0.12, label="target: >= 90%, <= 1.0x")
     ax.scatter(1.0, real_confident, s=160, marker="*", color="black", label=f"real test digits: {real_confident:g}%, 1.00x")
-    ax.set_xlim(0.85, table["frechet_ratio"].max() + 0.05)
+    ax.set_xlim(left, table["frechet_ratio"].max() + 0.05)
     ax.set_ylim(table["confident"].min() - 1, top)
     ax.set_xlabel("Frechet distance / its floor (lower: more like the real spread)")
     ax.set_ylabel("confident >= 0.9 (%)")
