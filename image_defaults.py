@@ -75,8 +75,8 @@ def apply(config, given):
     autoguided = config["autoguidance"] != 1.0
     if "guide_x0_only" not in given:
         config["guide_x0_only"] = autoguided and config["sampler"] == "ddim"
-    if autoguided and not config["guide_x0_only"] and "autoguidance" not in given:
-        config["autoguidance"] = PLAIN_AUTOGUIDANCE  # the default weight is on guide_x0_only's scale
+    if not config["guide_x0_only"] and "autoguidance" not in given:
+        config["autoguidance"] = whole_step_weight(config["autoguidance"])  # the default is on x_0-only's scale
     if "num_inference_steps" not in given:
         steps = AUTOGUIDED_STEPS if autoguided else config["num_inference_steps"]
         config["num_inference_steps"] = None if config["sampler"] == "ddpm" else min(steps, config["num_timesteps"])
@@ -89,6 +89,12 @@ def apply(config, given):
     if "checkpoint_every" not in given:  # about ten checkpoints a run, however long its epochs
         config["checkpoint_every"] = max(1, round(config["num_epochs"] / 9))
     return config
+
+
+def whole_step_weight(weight):
+    """The autoguidance weight for guided steps that move eps too (another sampler, or x_0-only guidance
+    turned off) in place of an x_0-only run's `weight`: the default's counterpart, else the weight as given."""
+    return PLAIN_AUTOGUIDANCE if weight == DEFAULTS["autoguidance"] else weight
 
 
 def model_error(config):

@@ -18,6 +18,7 @@ import cli
 import datasets
 import ddp
 import ddpm
+import image_defaults
 import metrics
 from checkpoints import CheckpointError, atomic_save_npy, load_weights, safe_load
 from plotting import save_samples_png
@@ -44,7 +45,9 @@ def build_parser():
                    help="guide only the steps with LO <= t <= HI (default: the experiment's)")
     p.add_argument("--guide_x0_only", action=argparse.BooleanOptionalAction, default=None,
                    help="guided ddim steps: x_0 from the guided prediction, the noise direction from the model's "
-                        "own (default: the experiment's)")
+                        "own (default: the experiment's, with ddim); off, an experiment's default --autoguidance "
+                        f"{image_defaults.DEFAULTS['autoguidance']:g} becomes {image_defaults.PLAIN_AUTOGUIDANCE:g}, "
+                        "as ddpm.py sets it")
     p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                    help="auto: EMA weights where the experiment has them")
     p.add_argument("--batch_size", type=cli.positive_int, default=10000, help="samples per forward pass")
@@ -117,6 +120,12 @@ def main(argv=None):
     guidance = args.guidance_scale if args.guidance_scale is not None else config.get("guidance_scale", 1.0)
     guide = None
     autoguidance = args.autoguidance if args.autoguidance is not None else config.get("autoguidance", 1.0)
+    if args.guide_x0_only and sampler != "ddim":
+        parser.error("--guide_x0_only is for --sampler ddim")
+    x0_only = args.guide_x0_only if args.guide_x0_only is not None else (
+        config.get("guide_x0_only", False) and sampler == "ddim")
+    if config.get("guide_x0_only") and not x0_only and args.autoguidance is None:
+        autoguidance = image_defaults.whole_step_weight(autoguidance)  # as ddpm.py picks it for such a run
     if conditional and args.autoguidance not in (None, 1.0):
         parser.error("--autoguidance is for unconditional experiments; class-conditional ones use --guidance_scale")
     if not conditional and autoguidance != 1.0:
@@ -129,9 +138,6 @@ def main(argv=None):
     if error:
         parser.error(error)
     interval = args.guidance_interval or config.get("guidance_interval")
-    x0_only = args.guide_x0_only if args.guide_x0_only is not None else config.get("guide_x0_only", False)
-    if args.guide_x0_only and sampler != "ddim":
-        parser.error("--guide_x0_only is for --sampler ddim")
     shape_tail = datasets.sample_shape(config)
     generator = torch.Generator(device).manual_seed(args.seed)
     tic = time.time()

@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -366,6 +367,17 @@ def test_autoguidance_keeps_the_ema_of_its_epoch_and_survives_a_resume(tiny_dir,
     assert json.load(open(tmp_path / "guided" / "config.json"))["guide_x0_only"] is True
     f = run_tool("sample.py", tmp_path / "guided", "--num_samples", "4", "--output", tmp_path / "f.npy", "--no-guide_x0_only")
     assert f.returncode == 0 and not np.allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "f.npy"))
+    # at the default x_0-only weight, whole steps take the whole step's default weight, as ddpm.py would
+    shutil.copytree(tmp_path / "guided", tmp_path / "at_default")
+    config = json.load(open(tmp_path / "at_default" / "config.json"))
+    (tmp_path / "at_default" / "config.json").write_text(json.dumps({**config, "autoguidance": image_defaults.DEFAULTS["autoguidance"]}))
+    h, i, j = (run_tool("sample.py", tmp_path / "at_default", "--num_samples", "4", "--output", tmp_path / f"{n}.npy",
+                        "--no-guide_x0_only", *flags)
+               for n, flags in (("h", []), ("i", ["--autoguidance", str(image_defaults.PLAIN_AUTOGUIDANCE)]),
+                                ("j", ["--autoguidance", str(image_defaults.DEFAULTS["autoguidance"])])))
+    assert h.returncode == i.returncode == j.returncode == 0, h.stderr[-2000:]
+    assert np.array_equal(np.load(tmp_path / "h.npy"), np.load(tmp_path / "i.npy"))
+    assert not np.allclose(np.load(tmp_path / "h.npy"), np.load(tmp_path / "j.npy"))
     bad = run_tool("sample.py", tmp_path / "guided", "--sampler", "ddpm", "--guide_x0_only", "--output", tmp_path / "g.npy")
     assert bad.returncode == 2 and "--guide_x0_only" in bad.stderr and "Traceback" not in bad.stderr
     missing = run_tool("sample.py", tmp_path / "plain", "--autoguidance", "2", "--output", tmp_path / "d.npy")
