@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-import image_data
+from images import data as image_data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DINO_PATH = os.path.join(HERE, "static", "dino.tsv")
@@ -144,13 +144,13 @@ def check_available(config):
             image_data.load_images(config, split)
 
 
-def load_training_data(config):
-    """(data [N, ...], labels [N] or None) for a training run described by `config`.
+def load_training_data(config, device="cpu"):
+    """(data [N, ...], labels [N] or None) on `device` for a training run described by `config`.
 
     Images: the first --dataset_size training images, with their labels when the model is
     class-conditional."""
     if not is_image_dataset(config["dataset"]):
-        return get_dataset(config["dataset"], config["dataset_size"], config["seed"]), None
+        return get_dataset(config["dataset"], config["dataset_size"], config["seed"]).to(device), None
     images, labels = image_data.load_images(config, "train")
-    images, labels = images[:config["dataset_size"]], labels[:config["dataset_size"]]
+    images, labels = images[:config["dataset_size"]].to(device), labels[:config["dataset_size"]].to(device)
     return images, (labels if config.get("class_conditional") else None)

@@ -1,8 +1,9 @@
 """Embeddings that turn a scalar (a coordinate or a timestep) into a feature vector.
 
-Every embedding maps a tensor of shape [B] to [B, output_size]. The MLP in ddpm.py
-uses one for each input coordinate and one for the timestep, and concatenates them;
-the U-Net (unet.py) embeds its timestep with the same SinusoidalEmbedding.
+Every embedding of a scalar maps a tensor of shape [B] to [B, output_size]; an embedding of a
+point maps [B, 2] to [B, output_size]. The MLP in ddpm.py embeds the point (make_point_embedding)
+and the timestep, and concatenates them; the U-Net (images/unet.py) embeds its timestep with the
+same SinusoidalEmbedding.
 """
 import math
 
@@ -21,8 +22,9 @@ class SinusoidalEmbedding(nn.Module):
     """Transformer-style sin/cos features (Vaswani et al. 2017), as DDPM embeds t.
 
     For inputs that live in a small range (2D coordinates in [-4, 4]) a `scale`
-    of 25 spreads them over many periods: these are Fourier features (Tancik et al.
-    2020), which let an MLP fit sharp detail it would otherwise blur.
+    (the MLP's --input_scale, 200 by default) spreads them over many periods: these are
+    Fourier features (Tancik et al. 2020), which let an MLP fit sharp detail it would
+    otherwise blur.
     """
 
     def __init__(self, size: int, scale: float = 1.0, endpoint: bool = True):
@@ -123,3 +125,23 @@ def make_embedding(kind: str, size: int, scale: float = 1.0, max_value: float = 
     if kind == "zero":
         return ZeroEmbedding()
     raise ValueError(f"unknown embedding {kind!r}; choose from {', '.join(EMBEDDINGS)}")
+
+
+class PerAxisEmbedding(nn.Module):
+    """A point [B, 2] embedded one coordinate at a time, the two feature vectors side by side (the classic's way)."""
+
+    def __init__(self, kind: str, size: int, scale: float = 1.0):
+        super().__init__()
+        self.x, self.y = make_embedding(kind, size, scale=scale), make_embedding(kind, size, scale=scale)
+        self.output_size = self.x.output_size + self.y.output_size
+
+    def forward(self, p):  # [B, 2] -> [B, output_size]
+        return torch.cat([self.x(p[:, 0]), self.y(p[:, 1])], dim=-1)
+
+
+def make_point_embedding(kind: str, size: int, scale: float = 1.0) -> nn.Module:
+    """The embedding of a 2D point: "fourier" embeds the whole point along random directions, as wide
+    (2 size) as any other kind applied to each coordinate (PerAxisEmbedding)."""
+    if kind == "fourier":
+        return RandomDirectionEmbedding(2 * size, scale=scale)
+    return PerAxisEmbedding(kind, size, scale)

@@ -3,8 +3,9 @@
     python sample.py exps/base --num_samples 5000 --sampler ddim --num_inference_steps 20 --output dino.npy
 
 Rebuilds the network from EXPERIMENT_DIR/config.json, loads its weights (the EMA weights,
-model_ema.pth, where the run kept them; else model.pth), runs the reverse process and
-writes the samples as .npy plus a PNG of them beside it.
+model_ema.pth, where the run kept them; else model.pth), runs the reverse process with the
+experiment's own sampler and guidance unless told otherwise, and writes the samples as .npy
+plus a PNG of them beside it.
 """
 import argparse
 import json
@@ -14,30 +15,30 @@ import time
 
 import torch
 
-import cli
 import datasets
-import ddp
 import ddpm
-import image_defaults
-import metrics
-from checkpoints import CheckpointError, atomic_save_npy, load_weights, safe_load
-from plotting import save_samples_png
+from engine import cli, ddp, frames, metrics
+from engine.checkpoints import CheckpointError, atomic_save_npy, load_weights, safe_load
+from engine.plotting import save_samples_png
+from extensions import guidance
+from images import defaults as image_defaults
 
 
 def build_parser():
-    p = cli.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
     p.add_argument("experiment_dir", help="an experiment folder written by ddpm.py, e.g. exps/base")
     p.add_argument("--num_samples", type=cli.positive_int, default=1000)
     p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=None, help="default: the experiment's")
     p.add_argument("--num_inference_steps", type=cli.positive_int, default=None,
-                   help="DDIM steps (default: the experiment's, else all T)")
-    p.add_argument("--eta", type=cli.nonnegative_float, default=None, help="DDIM's eta (default: the experiment's)")
+                   help="steps of a few-step sampler (default: the experiment's, else all T)")
+    p.add_argument("--eta", type=cli.nonnegative_float, default=None, help="noise of ddim / dpmpp_2m_sde "
+                   "(default: the experiment's, else the sampler's own)")
     p.add_argument("--timestep_spacing", choices=ddpm.SPACINGS, default=None,
                    help="timesteps of a few-step sampler (default: the experiment's, else the sampler's own)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--label", type=int, default=None, help="class to draw (class-conditional models)")
-    p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance weight")
+    p.add_argument("--label", type=int, default=None, help="class to draw (class-conditional models; default: 0-9 in turn)")
+    p.add_argument("--guidance_scale", type=cli.nonnegative_float, default=None,
+                   help="classifier-free guidance weight of a class-conditional model (default: the experiment's)")
     p.add_argument("--autoguidance", type=cli.nonnegative_float, default=None,
                    help="autoguidance weight of an unconditional model, away from its model_guide.pth "
                         "(default: the experiment's; 1 = off)")
@@ -50,7 +51,8 @@ def build_parser():
                         "as ddpm.py sets it")
     p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                    help="auto: EMA weights where the experiment has them")
-    p.add_argument("--batch_size", type=cli.positive_int, default=10000, help="samples per forward pass")
+    p.add_argument("--batch_size", type=cli.positive_int, default=None,
+                   help="samples per call of the sampler (default: as the run's frames: 100 images, all points)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--output", default=None, help="a .npy file (default: EXPERIMENT_DIR/samples.npy)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -90,6 +92,48 @@ def load_guide(experiment_dir, config, device="cpu"):
     return guide.to(device).eval()
 
 
+def sampling_settings(args, config):
+    """(sampler, steps, eta, spacing): what the command line says, else the experiment's own where the
+    sampler is the experiment's, else the sampler's defaults."""
+    sampler = args.sampler or config.get("sampler", "ddpm")
+    same = args.sampler in (None, config.get("sampler"))
+    steps = args.num_inference_steps if args.num_inference_steps is not None else (
+        config.get("num_inference_steps") if same else None)
+    eta = args.eta if args.eta is not None else (config.get("eta") if same else None)
+    spacing = args.timestep_spacing or (config.get("timestep_spacing") if same else None)
+    return sampler, steps, eta, spacing
+
+
+def guidance_for(args, config, conditional, sampler, parser, device):
+    """The Guidance of these samples: the experiment's, with what the command line changes (or None)."""
+    if args.guide_x0_only and sampler != "ddim":
+        parser.error("--guide_x0_only is for --sampler ddim")
+    if conditional and args.autoguidance not in (None, 1.0):
+        parser.error("--autoguidance is for unconditional experiments; class-conditional ones use --guidance_scale")
+    if not conditional and args.guidance_scale not in (None, 1.0):
+        parser.error("--guidance_scale is for class-conditional experiments; unconditional ones use --autoguidance")
+    error = guidance.interval_error(args.guidance_interval, config["num_timesteps"])
+    if error:
+        parser.error(error)
+    x0_only = args.guide_x0_only if args.guide_x0_only is not None else (
+        config.get("guide_x0_only", False) and sampler == "ddim")
+    interval = args.guidance_interval or config.get("guidance_interval")
+    settings = {**config, "guide_x0_only": x0_only, "guidance_interval": interval}
+    if conditional:
+        settings["guidance_scale"] = args.guidance_scale if args.guidance_scale is not None else config.get(
+            "guidance_scale", 1.0)
+        return frames.guidance(settings)
+    weight = args.autoguidance if args.autoguidance is not None else config.get("autoguidance", 1.0)
+    if weight == 1.0:
+        return None
+    settings["autoguidance"] = image_defaults.autoguidance_weight(weight, x0_only or not config.get("guide_x0_only"),
+                                                                  args.autoguidance is not None)
+    try:
+        return frames.guidance(settings, load_guide(args.experiment_dir, config, device))
+    except CheckpointError as e:
+        parser.error(str(e))
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -103,12 +147,7 @@ def main(argv=None):
         model, scheduler, config = load_experiment(args.experiment_dir, args.weights, device)
     except CheckpointError as e:
         parser.error(str(e))
-    sampler = args.sampler or config.get("sampler", "ddpm")
-    same_sampler = args.sampler in (None, config.get("sampler"))  # then the experiment's settings hold
-    steps = args.num_inference_steps if args.num_inference_steps is not None else (
-        config.get("num_inference_steps") if same_sampler else None)
-    eta = args.eta if args.eta is not None else (config.get("eta") if same_sampler else None)
-    spacing = args.timestep_spacing or (config.get("timestep_spacing") if same_sampler else None)
+    sampler, steps, eta, spacing = sampling_settings(args, config)
     error = ddpm.sampling_error(sampler, steps, scheduler.num_timesteps)
     if error:
         parser.error(error)
@@ -117,43 +156,14 @@ def main(argv=None):
         parser.error("--label needs a class-conditional experiment (trained with --class_conditional)")
     if conditional and args.label is not None and not 0 <= args.label < model.num_classes:
         parser.error(f"--label must be in 0..{model.num_classes - 1}")
-    guidance = args.guidance_scale if args.guidance_scale is not None else config.get("guidance_scale", 1.0)
-    guide = None
-    autoguidance = args.autoguidance if args.autoguidance is not None else config.get("autoguidance", 1.0)
-    if args.guide_x0_only and sampler != "ddim":
-        parser.error("--guide_x0_only is for --sampler ddim")
-    x0_only = args.guide_x0_only if args.guide_x0_only is not None else (
-        config.get("guide_x0_only", False) and sampler == "ddim")
-    if config.get("guide_x0_only") and not x0_only and args.autoguidance is None:
-        autoguidance = image_defaults.whole_step_weight(autoguidance)  # as ddpm.py picks it for such a run
-    if conditional and args.autoguidance not in (None, 1.0):
-        parser.error("--autoguidance is for unconditional experiments; class-conditional ones use --guidance_scale")
-    if not conditional and autoguidance != 1.0:
-        try:
-            guide, guidance = load_guide(args.experiment_dir, config, device), autoguidance
-        except CheckpointError as e:
-            parser.error(str(e))
+    guided = guidance_for(args, config, conditional, sampler, parser, device)
 
-    error = ddpm.guidance_interval_error(args.guidance_interval, scheduler.num_timesteps)
-    if error:
-        parser.error(error)
-    interval = args.guidance_interval or config.get("guidance_interval")
-    shape_tail = datasets.sample_shape(config)
-    generator = torch.Generator(device).manual_seed(args.seed)
     tic = time.time()
-    chunks = []
-    for start in range(0, args.num_samples, args.batch_size):
-        n = min(args.batch_size, args.num_samples - start)
-        labels = None
-        if conditional:
-            labels = (torch.full((n,), args.label, device=device) if args.label is not None
-                      else (torch.arange(start, start + n, device=device) % model.num_classes))
-        chunks.append(ddpm.sample(model, scheduler, (n, *shape_tail), sampler=sampler,
-                                  num_inference_steps=steps, eta=eta, timestep_spacing=spacing,
-                                  generator=generator, device=device,
-                                  labels=labels, guidance_scale=guidance, guide=guide, guidance_interval=interval,
-                                  precision=config.get("precision", "fp32"), guide_x0_only=x0_only).cpu())
-    samples = torch.cat(chunks).numpy()
+    chunk = args.batch_size or frames.chunk_size({**config, "eval_batch_size": args.num_samples})
+    samples = frames.draw(ddpm.sample, model, scheduler, args.num_samples, datasets.sample_shape(config), chunk,
+                          torch.Generator(device).manual_seed(args.seed), device, args.label, sampler=sampler,
+                          num_inference_steps=steps, eta=eta, timestep_spacing=spacing, guidance=guided,
+                          precision=config.get("precision", "fp32")).numpy()
     seconds = time.time() - tic
     atomic_save_npy(output, samples)
     png = output[:-4] + ".png"

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset_size", "256", "--train_batch_size", "32", "--num_epochs", "3", "--eval_batch_size", "64",
@@ -33,3 +34,28 @@ def assert_one_line_error(result, status=2):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+def parse_config(argv):
+    """(config, flags given, parser) of ddpm.py's command line, checked as ddpm.main checks it."""
+    import ddpm
+    from engine import experiment
+    parser = ddpm.build_parser()
+    config, given = experiment.parse(parser, argv, ddpm.flag_error)
+    return config, given, parser
+
+
+class ExactGaussianDenoiser(torch.nn.Module):
+    """The optimal network for data N(mu, s^2 I), in closed form:
+    eps*(x_t, t) = sqrt(1 - abar_t) (x_t - sqrt(abar_t) mu) / (abar_t s^2 + 1 - abar_t),
+    given in the parameterisation the scheduler expects."""
+
+    def __init__(self, scheduler, mu, std):
+        super().__init__()
+        self.s, self.mu, self.var = scheduler, mu, std**2
+
+    def forward(self, x, t):
+        abar = self.s.alphas_cumprod[t].reshape(-1, *([1] * (x.dim() - 1)))
+        eps = (1 - abar).sqrt() * (x - abar.sqrt() * self.mu) / (abar * self.var + 1 - abar)
+        x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+        return {"epsilon": eps, "x0": x0, "v": abar.sqrt() * eps - (1 - abar).sqrt() * x0}[self.s.prediction]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import ablations
+from tools import ablations
 import ddpm
-import figures
+from tools import figures
 
 
 def parsed(flags):

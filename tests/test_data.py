@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import datasets
-import metrics
+from engine import metrics
 from positional_embeddings import EMBEDDINGS, make_embedding
 
 

@@ -11,7 +11,7 @@ def read(name):
 
 
 def test_readme_links_to_code_lines_point_at_the_named_definition():
-    links = re.findall(r"\[`([\w.]+)`\]\((\w+\.py)#L(\d+)\)", read("README.md"))
+    links = re.findall(r"\[`([\w.]+)`\]\(([\w/]+\.py)#L(\d+)\)", read("README.md"))
     assert len(links) >= 10
     for name, path, line in links:
         text = read(path).splitlines()[int(line) - 1]

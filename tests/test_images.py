@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import datasets
-import ddp
+from engine import ddp
 import ddpm
-import image_data
-import image_defaults
-import unet
+from images import data as image_data
+from images import defaults as image_defaults
+from images import unet
 from conftest import ROOT, SHARED_DATA
+from helpers import parse_config
 
 MNIST_5K = os.path.join(SHARED_DATA, "mnist-5k")
 
@@ -173,7 +174,7 @@ def test_scheduler_posterior_on_image_tensors():
 
 
 def test_frechet_distance_and_scorer_see_quality(tiny_dir, tmp_path):
-    import classifier
+    from images import classifier
     a = torch.randn(500, 8)
     assert abs(classifier.frechet_distance(a, a)) < 1e-6
     assert classifier.frechet_distance(a, a + 1) == pytest.approx(8, rel=1e-3)
@@ -258,7 +259,7 @@ CASES = [[f"--{flag}", value] for flag, values in IMAGE_FLAG_VALUES.items() for 
 def test_each_image_flag_alone_works_or_names_only_itself(flags, tiny_dir, capsys):
     argv = ["--dataset", "mnist", "--data_dir", tiny_dir, *flags]
     try:
-        config, given, _ = ddpm.parse_config(argv)
+        config, given, _ = parse_config(argv)
     except SystemExit as e:
         assert e.code == 2
         err = capsys.readouterr().err.strip()
@@ -294,40 +295,40 @@ def test_image_flags_that_contradict_each_other_are_errors(tiny_dir, capsys):
                          (["--autoguidance", "1", "--guide_x0_only"], "--guide_x0_only"),
                          (["--sampler", "ddpm", "--guide_x0_only"], "--guide_x0_only")):
         with pytest.raises(SystemExit):
-            ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, *flags])
+            parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, *flags])
         assert named in capsys.readouterr().err
     # derived defaults adapt: a short diffusion caps the frame's steps, ddpm walks all of them
-    config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--num_timesteps", "20"])
+    config, _, _ = parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--num_timesteps", "20"])
     assert config["num_inference_steps"] == 20
     low, high = image_defaults.GUIDANCE_INTERVAL  # the guided steps: the same shares of a shorter T
     assert config["guidance_interval"] == [round(low * 19), round(high * 19)]
-    config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir])
+    config, _, _ = parse_config(["--dataset", "mnist", "--data_dir", tiny_dir])
     assert config["num_inference_steps"] == image_defaults.AUTOGUIDED_STEPS  # autoguided: the few-step frame
     assert config["guide_x0_only"] and config["autoguidance"] == image_defaults.DEFAULTS["autoguidance"]
     for flags in (["--sampler", "ddpm"], ["--no-guide_x0_only"]):  # guided steps that move eps too: their weight
-        config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, *flags])
+        config, _, _ = parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, *flags])
         assert not config["guide_x0_only"] and config["autoguidance"] == image_defaults.PLAIN_AUTOGUIDANCE
-    config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--class_conditional"])
+    config, _, _ = parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--class_conditional"])
     assert not config["guide_x0_only"]  # classifier-free guidance keeps its plain steps
-    config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--autoguidance", "1"])
+    config, _, _ = parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--autoguidance", "1"])
     assert config["num_inference_steps"] == image_defaults.DEFAULTS["num_inference_steps"]  # unguided: 150
-    config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--num_inference_steps", "50"])
+    config, _, _ = parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--num_inference_steps", "50"])
     assert config["num_inference_steps"] == 50  # what the user typed wins
-    config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--sampler", "ddpm"])
+    config, _, _ = parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--sampler", "ddpm"])
     assert config["num_inference_steps"] is None
-    config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--num_epochs", "100"])
+    config, _, _ = parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--num_epochs", "100"])
     assert config["save_images_step"] == 100  # one frame, at the end
     assert config["guide_epoch"] == round(100 * image_defaults.GUIDE_FRACTION)  # autoguidance's guide
-    config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--class_conditional"])
+    config, _, _ = parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, "--class_conditional"])
     assert config["autoguidance"] == 1 and config["guide_epoch"] is None  # classifier-free guidance instead
     assert config["guidance_interval"] is None  # ... at every step
     assert config["num_inference_steps"] == image_defaults.DEFAULTS["num_inference_steps"]  # of all 150
     with pytest.raises(SystemExit):
-        ddpm.parse_config(["--dataset", "moons", "--autoguidance", "2"])  # 2D runs keep no guide
+        parse_config(["--dataset", "moons", "--autoguidance", "2"])  # 2D runs keep no guide
     assert "--autoguidance" in capsys.readouterr().err
     # the epochs show the network the same number of images whatever the size of the training set
     for flags, images in (([], 200), (["--dataset_size", "100"], 100), (["--dataset_size", "5000"], 200)):
-        config, _, _ = ddpm.parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, *flags])
+        config, _, _ = parse_config(["--dataset", "mnist", "--data_dir", tiny_dir, *flags])
         assert config["num_epochs"] == image_defaults.IMAGES_SEEN // images == config["save_images_step"]
         assert 8 <= config["num_epochs"] / config["checkpoint_every"] <= 11  # about ten checkpoints
 

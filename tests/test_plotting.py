@@ -2,7 +2,7 @@ import numpy as np
 import PIL.Image
 
 import datasets
-import plotting
+from engine import plotting
 
 
 def read_rgb(path):
@@ -33,7 +33,7 @@ def test_fast_2d_frame_equals_a_full_draw(tmp_path):
 def test_tradeoff_figure_means_and_bad_table(tmp_path):
     """The trade-off plot's per-setting means are the plain means of the table's rows; a table
     without the columns is a one-line error with status 2 from the command line."""
-    import figures
+    from tools import figures
     from helpers import assert_one_line_error, run_tool
     table = tmp_path / "measured.csv"
     table.write_text("setting,seed,draw,confident,frechet_ratio\n"
@@ -44,5 +44,5 @@ def test_tradeoff_figure_means_and_bad_table(tmp_path):
     assert PIL.Image.open(tmp_path / "tradeoff.png").size[0] > 300
 
     (tmp_path / "bad.csv").write_text("setting,confident\na,90\n")
-    line = assert_one_line_error(run_tool("figures.py", "--tradeoff", tmp_path / "bad.csv", tmp_path / "bad.png"))
+    line = assert_one_line_error(run_tool("tools/figures.py", "--tradeoff", tmp_path / "bad.csv", tmp_path / "bad.png"))
     assert "frechet_ratio" in line and not (tmp_path / "bad.png").exists()

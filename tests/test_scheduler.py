@@ -5,6 +5,8 @@ import torch
 
 import ddpm
 from ddpm import NoiseScheduler, sample
+from extensions import dpm_solver, min_snr
+from helpers import ExactGaussianDenoiser
 
 
 def numpy_betas(schedule, T, start, end):
@@ -74,11 +76,10 @@ def test_posterior_is_eq7():
 
 @pytest.mark.parametrize("prediction", ddpm.PREDICTIONS)
 def test_reconstruct_and_prediction_targets_invert_add_noise(prediction):
-    s = NoiseScheduler(50, "cosine", prediction=prediction)
+    s = NoiseScheduler(50, "cosine", prediction=prediction, clip_sample=None)
     x0, eps = torch.randn(200, 2), torch.randn(200, 2)
     t = torch.arange(200) % 50
     xt = s.add_noise(x0, eps, t)
-    torch.testing.assert_close(s.reconstruct_x0(xt, t, eps), x0, rtol=1e-3, atol=2e-3)
     target = s.training_target(x0, eps, t)  # what a perfect network outputs
     x0_hat, eps_hat = s.predict_x0_and_eps(target, xt, t)
     torch.testing.assert_close(x0_hat, x0, rtol=1e-3, atol=2e-3)
@@ -90,7 +91,7 @@ def test_clip_sample_bounds_x0_and_keeps_eps_consistent_with_x_t(prediction):
     # a network output far off at high noise implies an x0 far outside the data: with clip_sample c
     # the x0 used by the samplers is clamp(x0, -c, c), and eps is the one that, with it, gives back x_t
     s = NoiseScheduler(200, prediction=prediction, clip_sample=5.0)
-    free = NoiseScheduler(200, prediction=prediction)
+    free = NoiseScheduler(200, prediction=prediction, clip_sample=None)
     x_t, output = torch.randn(500, 2), 30 * torch.randn(500, 2)
     t = torch.randint(150, 200, (500,))
     x0_free, _ = free.predict_x0_and_eps(output, x_t, t)
@@ -113,18 +114,18 @@ def test_ddim_with_eta_1_is_the_ddpm_step():
     s = NoiseScheduler(50, "linear")
     xt, out, z = torch.randn(100, 2), torch.randn(100, 2), torch.randn(100, 2)
     for t in range(50):
-        tb = torch.full((100,), t)
-        ddpm_x = s.step(out, tb, xt, z)
-        ddim_x = s.ddim_step(out, tb, tb - 1, xt, 1.0, z)
+        x0, eps = s.predict_x0_and_eps(out, xt, torch.full((100,), t))
+        ddpm_x = s.step(x0, t, xt, z)
+        ddim_x = s.ddim_step(x0, eps, t, t - 1, xt, 1.0, z)
         torch.testing.assert_close(ddim_x, ddpm_x, rtol=1e-4, atol=1e-5)
 
 
 def test_ddim_with_eta_0_is_deterministic():
     s = NoiseScheduler(50, "linear")
     xt, out = torch.randn(100, 2), torch.randn(100, 2)
-    tb = torch.full((100,), 30)
-    a = s.ddim_step(out, tb, tb - 5, xt, 0.0, torch.randn(100, 2))
-    b = s.ddim_step(out, tb, tb - 5, xt, 0.0, torch.randn(100, 2))
+    x0, eps = s.predict_x0_and_eps(out, xt, torch.full((100,), 30))
+    a = s.ddim_step(x0, eps, 30, 25, xt, 0.0, torch.randn(100, 2))
+    b = s.ddim_step(x0, eps, 30, 25, xt, 0.0, torch.randn(100, 2))
     assert torch.equal(a, b)
 
     model = lambda x, t: torch.tanh(x)  # noqa: E731  any fixed function
@@ -132,22 +133,6 @@ def test_ddim_with_eta_0_is_deterministic():
     x1 = sample(model, s, (50, 2), sampler="ddim", num_inference_steps=10, eta=0.0, generator=g1)
     x2 = sample(model, s, (50, 2), sampler="ddim", num_inference_steps=10, eta=0.0, generator=g2)
     assert torch.equal(x1, x2)
-
-
-class ExactGaussianDenoiser(torch.nn.Module):
-    """The optimal network for data N(mu, s^2 I), in closed form:
-    eps*(x_t, t) = sqrt(1 - abar_t) (x_t - sqrt(abar_t) mu) / (abar_t s^2 + 1 - abar_t),
-    given in the parameterisation the scheduler expects."""
-
-    def __init__(self, scheduler, mu, std):
-        super().__init__()
-        self.s, self.mu, self.var = scheduler, mu, std**2
-
-    def forward(self, x, t):
-        abar = self.s.alphas_cumprod[t].reshape(-1, *([1] * (x.dim() - 1)))
-        eps = (1 - abar).sqrt() * (x - abar.sqrt() * self.mu) / (abar * self.var + 1 - abar)
-        x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
-        return {"epsilon": eps, "x0": x0, "v": abar.sqrt() * eps - (1 - abar).sqrt() * x0}[self.s.prediction]
 
 
 SAMPLERS = [dict(sampler="ddpm"), dict(sampler="ddim", eta=0.0), dict(sampler="ddim", eta=1.0),
@@ -243,7 +228,7 @@ def test_random_direction_embedding_has_the_sinusoidal_frequencies_along_random_
 @pytest.mark.parametrize("prediction", ddpm.PREDICTIONS)
 def test_min_snr_weight_is_min_snr_gamma_times_the_x0_error(prediction):
     # Hang et al. 2023: loss = min(SNR_t, gamma) ||x0_hat - x0||^2, whatever the network predicts
-    s = NoiseScheduler(100, "cosine", prediction=prediction)
+    s = NoiseScheduler(100, "cosine", prediction=prediction, clip_sample=None)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(64, 2, 3, generator=g), torch.randn(64, 2, 3, generator=g)
     t = torch.arange(64) * 99 // 63  # 0 .. 99, low noise to pure noise
@@ -253,10 +238,10 @@ def test_min_snr_weight_is_min_snr_gamma_times_the_x0_error(prediction):
     alpha_bar = s.alphas_cumprod[t].double()
     snr = alpha_bar / (1 - alpha_bar)
     expected = snr.clamp(max=5) * (x0_hat - x0).double().square().flatten(1).mean(1)
-    weighted = s.min_snr_weight(t, 5.0) * (output - s.training_target(x0, noise, t)).square().flatten(1).mean(1)
+    weighted = min_snr.weight(s, t, 5.0) * (output - s.training_target(x0, noise, t)).square().flatten(1).mean(1)
     np.testing.assert_allclose(weighted.numpy(), expected.numpy(), rtol=2e-3)
     if prediction == "epsilon":  # gamma above every SNR: the simple loss of eq. 14
-        torch.testing.assert_close(s.min_snr_weight(t, 1e12), torch.ones(64))
+        torch.testing.assert_close(min_snr.weight(s, t, 1e12), torch.ones(64))
 
 
 @pytest.mark.parametrize("input_embedding", ["sinusoidal", "fourier"])
@@ -269,7 +254,7 @@ def test_mlp_with_a_shared_timestep_equals_the_concatenated_first_layer(input_em
     for t in (0, 17, 49):
         shared = model(x, torch.tensor([t]))
         first = model.joint_mlp[0]
-        features = torch.cat([model.point_features(x), model.time_embedding(torch.full((64,), t))], dim=1)
+        features = torch.cat([model.input_embedding(x), model.time_embedding(torch.full((64,), t))], dim=1)
         by_hand = model.joint_mlp[1:](features @ first.weight.T + first.bias)
         assert shared.shape == (64, 2)
         assert torch.allclose(shared, by_hand, atol=1e-5)
@@ -318,23 +303,21 @@ def test_dpm_solver_first_step_is_ddim():
     s = NoiseScheduler(200, prediction="v", clip_sample=5.0)
     x_t, output, noise = torch.randn(100, 2), torch.randn(100, 2), torch.randn(100, 2)
     for t, prev_t in ((199, 150), (80, 79), (5, 0)):
-        tb, pb = torch.full((100,), t), torch.full((100,), prev_t)
-        x0, _ = s.predict_x0_and_eps(output, x_t, tb)
-        torch.testing.assert_close(s.dpm_solver_step(x0, t, prev_t, x_t),
-                                   s.ddim_step(output, tb, pb, x_t, 0.0, noise), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(s.dpm_solver_step(x0, t, prev_t, x_t, eta=1.0, noise=noise),
-                                   s.ddim_step(output, tb, pb, x_t, 1.0, noise), rtol=1e-4, atol=1e-5)
-    tb = torch.full((100,), 80)
-    x0, _ = s.predict_x0_and_eps(output, x_t, tb)
-    torch.testing.assert_close(s.dpm_solver_step(x0, 80, 79, x_t, eta=1.0, noise=noise),
-                               s.step(output, tb, x_t, noise), rtol=1e-4, atol=1e-5)
-    assert torch.equal(s.dpm_solver_step(x0, 80, -1, x_t), x0)  # the last step returns x0
+        x0, eps = s.predict_x0_and_eps(output, x_t, torch.full((100,), t))
+        torch.testing.assert_close(dpm_solver.step(s, x0, t, prev_t, x_t)[0],
+                                   s.ddim_step(x0, eps, t, prev_t, x_t, 0.0, noise), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(dpm_solver.step(s, x0, t, prev_t, x_t, eta=1.0, noise=noise)[0],
+                                   s.ddim_step(x0, eps, t, prev_t, x_t, 1.0, noise), rtol=1e-4, atol=1e-5)
+    x0, _ = s.predict_x0_and_eps(output, x_t, torch.full((100,), 80))
+    torch.testing.assert_close(dpm_solver.step(s, x0, 80, 79, x_t, eta=1.0, noise=noise)[0],
+                               s.step(x0, 80, x_t, noise), rtol=1e-4, atol=1e-5)
+    assert torch.equal(dpm_solver.step(s, x0, 80, -1, x_t)[0], x0)  # the last step returns x0
     # with history the step differs: x0 moved by (x0 - x0') / (2 r)
     last_x0 = x0 + 0.3
-    second = s.dpm_solver_step(x0, 80, 60, x_t, last=(100, last_x0))
+    second = dpm_solver.step(s, x0, 80, 60, x_t, last=(100, last_x0))[0]
     r = float((s.log_snr[80] - s.log_snr[100]) / (s.log_snr[60] - s.log_snr[80]))
-    torch.testing.assert_close(second, s.dpm_solver_step(x0 + (x0 - last_x0) / (2 * r), 80, 60, x_t))
-    assert not torch.allclose(second, s.dpm_solver_step(x0, 80, 60, x_t))
+    torch.testing.assert_close(second, dpm_solver.step(s, x0 + (x0 - last_x0) / (2 * r), 80, 60, x_t)[0])
+    assert not torch.allclose(second, dpm_solver.step(s, x0, 80, 60, x_t)[0])
 
 
 @pytest.mark.parametrize("schedule", ddpm.SCHEDULES)
@@ -361,106 +344,3 @@ def test_spacings_put_their_steps_where_they_say():
     assert np.allclose(gaps[:6], target, rtol=0.15), gaps
     # karras: more steps at low noise than logsnr's last step, fewer at high noise
     assert s.inference_timesteps(10, "karras")[1] > s.inference_timesteps(10, "logsnr")[1]
-
-
-def test_autoguidance_extrapolates_away_from_the_guide():
-    # model: the exact denoiser of N(1, 0.5^2); guide: that of a worse model, N(0.5, 1). The guided
-    # prediction is weak + w (strong - weak) (ddpm.model_prediction), so w = 1 is the model alone and
-    # w > 1 moves the samples' mean beyond the model's, away from the guide's, and narrows them (the
-    # guide's extra spread is subtracted): monotonically in w.
-    s = NoiseScheduler(1000, "cosine", prediction="v")
-    model, guide = ExactGaussianDenoiser(s, 1.0, 0.5), ExactGaussianDenoiser(s, 0.5, 1.0)
-    x, t = torch.randn(7, 2), torch.tensor([300])
-    for w in (0.0, 1.0, 2.5):
-        assert torch.allclose(ddpm.model_prediction(model, x, t, guidance_scale=w, guide=guide),
-                              guide(x, t) + w * (model(x, t) - guide(x, t)))
-    means, variances = [], []
-    for w in (1.0, 1.5, 2.0):
-        x = sample(model, s, (20000, 2), sampler="ddpm", guide=guide, guidance_scale=w,
-                   generator=torch.Generator().manual_seed(0))
-        means.append(float(x.mean()))
-        variances.append(float(x.var()))
-    assert means[0] == pytest.approx(1.0, abs=0.02) and variances[0] == pytest.approx(0.25, rel=0.05)
-    assert means[0] + 0.03 < means[1] < means[2] - 0.03
-    assert variances[0] * 0.9 > variances[1] > variances[2] * 1.05
-
-
-def test_guidance_interval_guides_exactly_the_steps_inside_it():
-    # guidance_interval (lo, hi): the guide is evaluated at the steps with lo <= t <= hi and nowhere
-    # else; the whole range is plain guidance, a range no step visits is the unguided sampler.
-    s = NoiseScheduler(1000, "cosine", prediction="v")
-    model, exact_guide = ExactGaussianDenoiser(s, 1.0, 0.5), ExactGaussianDenoiser(s, 0.5, 1.0)
-    seen = []
-
-    def guide(x, t):
-        seen.append(int(t[0]))
-        return exact_guide(x, t)
-
-    def draw(interval, w=2.0):
-        return sample(model, s, (4000, 2), sampler="ddim", num_inference_steps=20, eta=1.0, guide=guide,
-                      guidance_scale=w, guidance_interval=interval, generator=torch.Generator().manual_seed(0))
-
-    steps = s.inference_timesteps(20, "uniform")
-    partly = draw((150, 800))
-    assert seen == [t for t in steps if 150 <= t <= 800] and 0 < len(seen) < len(steps)
-    seen.clear()
-    assert torch.equal(draw((0, 999)), draw(None)) and seen == steps + steps
-    seen.clear()
-    gap = (steps[3] + 1, steps[2] - 1)  # between two visited timesteps
-    assert torch.equal(draw(gap), draw(None, w=1.0)) and seen == []
-    # guided in part: narrower than the model's samples, wider than guided everywhere
-    assert float(draw(None, w=1.0).var()) > float(partly.var()) > float(draw(None).var())
-
-
-def test_guide_x0_only_takes_x0_from_the_guided_prediction_and_the_direction_from_the_models_own():
-    # DDIM's step (Song et al. 2021, eq. 12) written out by hand for v-prediction, without clipping:
-    # x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z, with x0 from one
-    # output and eps from the other
-    s = NoiseScheduler(1000, "cosine", prediction="v", clip_sample=None)
-    x_t, guided, own, z = (torch.randn(50, 3) for _ in range(4))
-    t, prev_t, eta = 600, 560, 1.0
-    abar, abar_prev = s.alphas_cumprod[t], s.alphas_cumprod[prev_t]
-    x0 = abar.sqrt() * x_t - (1 - abar).sqrt() * guided           # x0 of the guided v
-    eps = (1 - abar).sqrt() * x_t + abar.sqrt() * own             # eps of the model's own v
-    sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
-    expected = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).sqrt() * eps + sigma * z
-    tb, pb = torch.full((50,), t), torch.full((50,), prev_t)
-    torch.testing.assert_close(s.ddim_step(guided, tb, pb, x_t, eta, z, direction_output=own), expected)
-    assert torch.equal(s.ddim_step(guided, tb, pb, x_t, eta, z, direction_output=guided),
-                       s.ddim_step(guided, tb, pb, x_t, eta, z))  # the same output for both: plain DDIM
-
-    # through sample(): the sixth of 10 deterministic steps, by hand from the two denoisers
-    s = NoiseScheduler(1000, "cosine", prediction="v", clip_sample=1.0)
-    model, guide = ExactGaussianDenoiser(s, 0.5, 0.3), ExactGaussianDenoiser(s, 0.2, 0.6)
-
-    def draw(w, x0_only, sampler="ddim"):
-        return sample(model, s, (500, 2), sampler=sampler, num_inference_steps=10 if sampler == "ddim" else None,
-                      eta=0.0, guide=guide, guidance_scale=w, guide_x0_only=x0_only, trajectory=True,
-                      generator=torch.Generator().manual_seed(3))
-
-    trajectory, plain = draw(2.0, True), draw(2.0, False)
-    x, (t, prev_t) = trajectory[5], s.inference_timesteps(10, "uniform")[5:7]
-    tb, pb = torch.full((500,), t), torch.full((500,), prev_t)
-    strong, weak = model(x, tb), guide(x, tb)
-    assert torch.equal(ddpm.model_prediction(model, x, tb, guidance_scale=2.0, guide=guide, own=True)[1], strong)
-    by_hand = s.ddim_step(weak + 2.0 * (strong - weak), tb, pb, x, 0.0, torch.zeros_like(x), direction_output=strong)
-    torch.testing.assert_close(trajectory[6], by_hand)
-    plain_step = s.ddim_step(weak + 2.0 * (strong - weak), tb, pb, x, 0.0, torch.zeros_like(x))
-    assert (by_hand - plain_step).abs().max() > 1e-2  # a check that can tell the two steps apart
-    assert not torch.allclose(trajectory[-1], plain[-1], atol=1e-2)  # plain guidance moves eps too
-    assert torch.equal(draw(1.0, True), draw(1.0, False))  # unguided: nothing to split
-    # the ancestral step uses x0 alone: nothing changes there
-    assert torch.equal(draw(2.0, True, "ddpm")[-1], draw(2.0, False, "ddpm")[-1])
-
-
-def test_classifier_free_guidance_returns_the_labelled_prediction_as_the_models_own():
-    class Conditional(torch.nn.Module):  # output: x times (label + 1); the null label is 10
-        null_label = 10
-
-        def forward(self, x, t, labels):
-            return x * (labels + 1).reshape(-1, 1).to(x.dtype)
-
-    x, labels = torch.randn(6, 2), torch.tensor([0, 1, 2, 3, 4, 5])
-    guided, own = ddpm.model_prediction(Conditional(), x, torch.tensor([7]), labels, guidance_scale=3.0, own=True)
-    torch.testing.assert_close(own, x * (labels + 1).reshape(-1, 1).float())
-    torch.testing.assert_close(guided, 11 * x + 3.0 * (own - 11 * x))

@@ -11,9 +11,10 @@ contradict each other.
 """
 import argparse
 
-import cli
 import datasets
-import image_data
+from engine import cli
+from extensions import guidance
+from images import data as image_data
 
 IMAGES_SEEN = 360_000  # 90 epochs of 4,000 digits: 21-28 minutes of training on a 2-core CPU (docs/mnist.md)
 DEFAULTS = {"dataset_size": 60000, "num_timesteps": 1000, "beta_schedule": "cosine", "clip_sample": 1.0,
@@ -75,8 +76,7 @@ def apply(config, given):
     autoguided = config["autoguidance"] != 1.0
     if "guide_x0_only" not in given:
         config["guide_x0_only"] = autoguided and config["sampler"] == "ddim"
-    if not config["guide_x0_only"] and "autoguidance" not in given:
-        config["autoguidance"] = whole_step_weight(config["autoguidance"])  # the default is on x_0-only's scale
+    config["autoguidance"] = autoguidance_weight(config["autoguidance"], config["guide_x0_only"], "autoguidance" in given)
     if "num_inference_steps" not in given:
         steps = AUTOGUIDED_STEPS if autoguided else config["num_inference_steps"]
         config["num_inference_steps"] = None if config["sampler"] == "ddpm" else min(steps, config["num_timesteps"])
@@ -91,16 +91,43 @@ def apply(config, given):
     return config
 
 
-def whole_step_weight(weight):
-    """The autoguidance weight for guided steps that move eps too (another sampler, or x_0-only guidance
-    turned off) in place of an x_0-only run's `weight`: the default's counterpart, else the weight as given."""
-    return PLAIN_AUTOGUIDANCE if weight == DEFAULTS["autoguidance"] else weight
+def autoguidance_weight(weight, x0_only, weight_given):
+    """The autoguidance weight of guided steps: `weight`, except that the default (1.3, on the scale of
+    guiding x_0 only) becomes PLAIN_AUTOGUIDANCE (2.75) when the guided steps move eps too (another
+    sampler, or --no-guide_x0_only) and the weight was not given. ddpm.py and sample.py both ask here."""
+    if weight_given or x0_only or weight != DEFAULTS["autoguidance"]:
+        return weight
+    return PLAIN_AUTOGUIDANCE
+
+
+def flag_error(config):
+    """Why the image and guidance flags of `config` don't go together, in one line; None if they do."""
+    is_image = datasets.is_image_dataset(config["dataset"])
+    for failed, message in [  # --compile on for images: the U-Net's step compiled for minutes, and not in bf16
+        (is_image and config["compile"] == "on", "--compile on is for the 2D MLP; image runs train with the eager step"),
+        (config["autoguidance"] != 1 and not is_image, "--autoguidance is for image datasets (--dataset mnist, ...)"),
+        (config["autoguidance"] != 1 and config["class_conditional"],
+         "--autoguidance is for unconditional runs; class-conditional runs use --guidance_scale"),
+        (config["guide_epoch"] and config["autoguidance"] == 1,
+         "--guide_epoch is for autoguidance (unconditional image runs, guidance weight other than 1)"),
+        ((config["guide_epoch"] or 0) > config["num_epochs"],
+         f"--guide_epoch {config['guide_epoch']} is after the last epoch ({config['num_epochs']})"),
+        (config["guidance_interval"] and config["autoguidance"] == 1 and not config["class_conditional"],
+         "--guidance_interval is for guided image runs (--autoguidance or --class_conditional)"),
+        (config["guide_x0_only"] and config["autoguidance"] == 1 and not config["class_conditional"],
+         "--guide_x0_only is for guided image runs (--autoguidance or --class_conditional)"),
+        (config["guide_x0_only"] and config["sampler"] != "ddim", "--guide_x0_only is for --sampler ddim"),
+    ]:
+        if failed:
+            return message
+    return (guidance.interval_error(config["guidance_interval"], config["num_timesteps"])
+            or (is_image and model_error(config)) or None)
 
 
 def model_error(config):
     """Why the U-Net of these flags can't be built (its GroupNorm and attention heads divide the
     channels), in one line; None if it can."""
-    import unet
+    from images import unet
     try:
         unet.build_unet(config)
     except Exception as e:  # ValueError from GroupNorm, ZeroDivisionError below 4 channels, ...

@@ -59,6 +59,6 @@ def nearest_neighbour_distance(points, reference, chunk=4096):
 def make_scorer(config):
     """The sample-quality scorer for a run's dataset (images: classifier.ImageScorer)."""
     if datasets.is_image_dataset(config["dataset"]):
-        import classifier
+        from images import classifier
         return classifier.ImageScorer(config)
     return PointScorer(config["dataset"], config["eval_batch_size"], config["seed"])

@@ -8,13 +8,16 @@ naive textbook loop), sampling throughput, frame drawing, the default dino run a
 workload end to end (wall time split into training, sampling and drawing; peak memory), and
 the MNIST U-Net's images/s. The naive end-to-end figure is extrapolated from its measured parts.
 """
+import os
+import sys
+
+if __name__ == "__main__":  # run as a script from anywhere: import the project from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import functools
 import json
-import os
 import platform
 import re
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -28,15 +31,15 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-import ablations  # noqa: E402
-import cli  # noqa: E402
-import compiled_step  # noqa: E402
+from tools import ablations  # noqa: E402
+from engine import cli  # noqa: E402
+from engine import compiled_step  # noqa: E402
 import datasets  # noqa: E402
-import image_defaults  # noqa: E402
+from images import defaults as image_defaults  # noqa: E402
 import ddpm  # noqa: E402
-import plotting  # noqa: E402
+from engine import plotting  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 # the classic tiny-diffusion's workload: 50,000 steps at batch 32, 200 frames of 1,000 points x 50 steps
 CLASSIC = cli.as_argv({**ablations.CLASSIC, "save_images_step": 1})
 
@@ -58,7 +61,7 @@ def steps_per_second_ours(batch_size, steps, threads=1, compiled=True):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     if compiled:
         def loss(net, x_start, noise, t, labels):
-            return ddpm.diffusion_loss(net, scheduler, x_start, noise, t, labels)
+            return ddpm.diffusion_loss(net, x_start, noise, t, labels, scheduler=scheduler)
         optimizer_step = compiled_step.compiled_training_step(model, loss, optimizer)
     else:
         optimizer_step = functools.partial(ddpm.training_step, model, scheduler, optimizer)
@@ -151,7 +154,7 @@ def drawing_seconds(n_frames, naive):
 
 def run_end_to_end(name, flags, out_dir):
     """`python ddpm.py` in a subprocess: wall time, its own time split, peak resident memory."""
-    cmd = ["/usr/bin/time", "-v", sys.executable, os.path.join(HERE, "ddpm.py"), "--out_dir", out_dir,
+    cmd = ["/usr/bin/time", "-v", sys.executable, os.path.join(ROOT, "ddpm.py"), "--out_dir", out_dir,
            "--experiment_name", name, "--quiet", *flags]
     if not os.path.exists("/usr/bin/time"):
         cmd = cmd[2:]

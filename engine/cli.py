@@ -8,7 +8,19 @@ import copy
 import math
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """-h shows each flag's default, except where there is none to show (None, False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"formatter_class": HelpFormatter, **kwargs})
+
     def error(self, message):  # one line, exit status 2, no usage dump
         self.exit(2, f"{self.prog}: error: {message} (see -h)\n")
 

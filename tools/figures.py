@@ -4,6 +4,11 @@ docs/mnist.md, image runs side by side and the measured trade-off of MNIST frame
 
 Every 2D panel uses the same axes as the frames of ddpm.py ([-6, 6]^2), so cells compare.
 """
+import os
+import sys
+
+if __name__ == "__main__":  # run as a script from anywhere: import the project from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import json
 
 import matplotlib
@@ -14,7 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
 
-from plotting import LIMIT  # noqa: E402
+from engine.plotting import LIMIT  # noqa: E402
 
 CELL = 1.6        # inches per grid cell
 LABEL_WIDTH = 1.3  # inches of row labels left of a grid
@@ -132,7 +137,7 @@ def draw_animation(forward, reverse, path, max_frames=60, fps=15, hold=10):
 def draw_image_runs(unconditional_dir, conditional_dir, path, n=10):
     """Two grids side by side from the last frames of two image runs: n x n unconditional samples,
     and n samples of each digit 0-9 of a class-conditional run (its frame asks for label i % 10)."""
-    from plotting import image_grid
+    from engine.plotting import image_grid
     left = np.load(f"{unconditional_dir}/frames.npy")[-1][: n * n, 0]                  # [n*n, 28, 28]
     right = np.load(f"{conditional_dir}/frames.npy")[-1][:, 0]
     rows = np.stack([right[digit::10][:n] for digit in range(10)]).reshape(-1, *right.shape[1:])

@@ -1,6 +1,9 @@
-"""The experiment folder OUT_DIR/EXPERIMENT_NAME: made (never clobbered), reopened for --resume,
-and filled with config.json and the run's outputs, each written atomically.
+"""The experiment around ddpm.train: the command line checked and the run launched (parse, launch), the
+folder OUT_DIR/EXPERIMENT_NAME made (never clobbered) or reopened for --resume and filled with
+config.json and the run's outputs, each written atomically, and the bookkeeping of the training loop
+(Run: frames, checkpoints, the progress bar, Ctrl-C).
 """
+import contextlib
 import json
 import math
 import os
@@ -13,11 +16,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-import cli
 import datasets
-import ddp
-import plotting
-from checkpoints import atomic_save, atomic_save_npy, atomic_write_text
+from engine import cli, ddp, frames, plotting
+from engine.checkpoints import Checkpointer, CheckpointError, StopRequest, atomic_save, atomic_save_npy, atomic_write_text
+from images import defaults as image_defaults
 
 RUN_FLAGS = ("resume", "overwrite", "quiet", "device", "frame_worker", "compile")  # how to run, not what to train
 
@@ -50,13 +52,56 @@ class NonFiniteLoss(RuntimeError):
                          "Nothing after the last good checkpoint was written.")
 
 
-def environment_error(config):
-    """Why this run can't start on this machine (its data, its device), in one line; None if it can."""
+def parse(parser, argv, core_error):
+    """(config, the flags given on the command line): the flags, the image defaults for those not given
+    (images/defaults.py), checked before any work: core_error(config) (ddpm.flag_error), the image flags,
+    flag_error below; the first that fails exits with one line and status 2."""
+    config = vars(parser.parse_args(argv))  # first: -h prints the help with the defaults
+    given = cli.flags_given(parser, argv)
+    config = image_defaults.apply(config, given)
+    error = core_error(config) or image_defaults.flag_error(config) or flag_error(config)
+    if error:
+        parser.error(error)
+    return config, given
+
+
+def flag_error(config):
+    """Why this run can't start here (flags that exclude each other, its data, its device, the memory a
+    frame needs), in one line; None if it can."""
+    if config["resume"] and config["overwrite"]:
+        return "--resume and --overwrite exclude each other"
     try:
         datasets.check_available(config)
     except datasets.DataError as e:
         return str(e)
-    return ddp.device_error(config["device"])
+    return ddp.device_error(config["device"]) or frames.memory_error(config)
+
+
+def launch(config, parser, given, train):
+    """Run train(config, exp_dir, resume, rank=..., world_size=...) as ddpm.py's main: on the device, under
+    torchrun when launched so, in a new (or the resumed) experiment folder; report the result."""
+    device = ddp.pick_device(config["device"])
+    config["precision"] = ddp.resolve_precision(config["precision"], datasets.is_image_dataset(config["dataset"]), device)
+    rank, world_size = ddp.init_distributed(device)
+    exp_dir, config = ddp.on_rank_zero(world_size, lambda: prepare(config, parser, given))
+    if rank == 0:
+        batch = f" x {world_size} processes (global batch {config['train_batch_size'] * world_size})"
+        print(f"device: {ddp.pick_device(config['device'], rank)}{batch if world_size > 1 else ''}; "
+              f"writing to {exp_dir}", flush=True)
+        write_config(exp_dir, config, world_size)
+    try:
+        result = train(config, exp_dir, resume=config["resume"], rank=rank, world_size=world_size)
+    except (NonFiniteLoss, CheckpointError) as e:
+        sys.exit(f"{parser.prog}: error: {e}")
+    except OSError as e:  # disk full or folder gone mid-run
+        kept = ("the last complete checkpoint.pt is kept" if os.path.exists(os.path.join(exp_dir, "checkpoint.pt"))
+                else "no checkpoint had been written yet")
+        sys.exit(f"{parser.prog}: error: cannot write the outputs ({e.strerror or e}); {kept}")
+    finally:
+        ddp.finish(world_size)
+    if rank == 0:
+        print(report(result, exp_dir))
+    return result
 
 
 def prepare(config, parser, given):
@@ -101,7 +146,7 @@ def prepare(config, parser, given):
 
 def check_disk_space(config, exp_dir, parser):
     """Refuse to start when the outputs (frames twice: frames.npy and the checkpoint; PNGs) can't fit."""
-    n_frames = config["num_epochs"] // config["save_images_step"] + 1
+    n_frames = frames.frame_count(config)
     frame_bytes = config["eval_batch_size"] * int(np.prod(datasets.sample_shape(config))) * 4
     need = 2 * n_frames * frame_bytes + n_frames * 60_000 + 20_000_000
     free = shutil.disk_usage(exp_dir).free
@@ -117,7 +162,7 @@ def write_config(exp_dir, config, world_size):
     atomic_write_text(os.path.join(exp_dir, "config.json"), json.dumps(saved, indent=2) + "\n")
 
 
-def write_outputs(exp_dir, config, model, ema_model, losses, frames, table, guide=None):
+def write_outputs(exp_dir, config, model, ema_model, losses, frame_list, table, guide=None):
     """model.pth, model_ema.pth, model_guide.pth (autoguidance's weights), loss.npy, loss.png,
     frames.npy and metrics.csv, each atomically. (The frame PNGs are drawn as the frames are made.)"""
     atomic_save(model.state_dict(), os.path.join(exp_dir, "model.pth"))
@@ -128,67 +173,90 @@ def write_outputs(exp_dir, config, model, ema_model, losses, frames, table, guid
     losses = losses.cpu().numpy()
     shape = (0, config["eval_batch_size"], *datasets.sample_shape(config))
     atomic_save_npy(os.path.join(exp_dir, "loss.npy"), losses)
-    atomic_save_npy(os.path.join(exp_dir, "frames.npy"), torch.stack(frames).numpy() if frames else np.zeros(shape))
+    atomic_save_npy(os.path.join(exp_dir, "frames.npy"), torch.stack(frame_list).numpy() if frame_list else np.zeros(shape))
     atomic_write_text(os.path.join(exp_dir, "metrics.csv"), pd.DataFrame(table).to_csv(index=False, float_format="%.6g"))
     plotting.draw_loss(losses, os.path.join(exp_dir, "loss.png"))
 
 
 class Run:
-    """The bookkeeping around the loop of ddpm.train: its clock and progress bar, the loss check at
-    the end of each epoch, a stop on Ctrl-C, and the outputs at the end. Rank 0 alone writes."""
+    """The bookkeeping around the loop of ddpm.train: its clock and progress bar, the frames (engine/frames.py)
+    and checkpoints (engine/checkpoints.py), the loss check at the end of each epoch, a stop on Ctrl-C
+    between two steps, and the outputs at the end. Rank 0 alone writes."""
 
-    def __init__(self, config, exp_dir, ranks, model, ema_model, losses, frames, started, log):
+    def __init__(self, config, exp_dir, ranks, model, ema_model, optimizer, losses, order_generator,
+                 noise_generator, core, started, log):
+        """core: (build_model, build_scheduler, sample) of ddpm.py, for the frames."""
         self.config, self.exp_dir, self.ranks, self.log = config, exp_dir, ranks, log
-        self.model, self.ema_model, self.losses, self.frames = model, ema_model, losses, frames
-        self.started, self.progress = started, None
+        self.model, self.ema_model, self.losses = model, ema_model, losses
+        self.sampled_model = ema_model if ema_model is not None else model  # the weights frames and the guide use
+        self.frames = frames.Frames(config, exp_dir, ranks.device, core) if ranks.main else None
+        self.checkpoint = Checkpointer(os.path.join(exp_dir, "checkpoint.pt"), model, ema_model, optimizer, losses,
+                                       order_generator, noise_generator, self.frames, ranks)
+        self.started, self.bar, self.stop_request = started, None, StopRequest()
 
     def seconds(self):
         return time.time() - self.started
 
-    def resume(self, checkpoint):
+    def resume(self):
         """(epoch, batch, step, perm) to continue from, the checkpoint loaded into the run."""
-        epoch, batch, step, perm, seconds = checkpoint.restore()
+        epoch, batch, step, perm, seconds = self.checkpoint.restore()
         self.started -= seconds
         if self.ranks.main:
             self.log(f"resuming {self.exp_dir} at epoch {epoch}, step {step}")
         return epoch, batch, step, perm
 
-    def start_progress(self, total_steps, step):
-        self.progress = tqdm(total=total_steps, initial=step, desc=self.config["experiment_name"], unit="step",
-                             mininterval=0.5, dynamic_ncols=True,
-                             disable=self.config.get("quiet", False) or not self.ranks.main)
+    @contextlib.contextmanager
+    def progress(self, total_steps, step):
+        """The progress bar, and Ctrl-C / SIGTERM turned into a request that the loop answers between steps."""
+        self.bar = tqdm(total=total_steps, initial=step, desc=self.config["experiment_name"], unit="step",
+                        mininterval=0.5, dynamic_ncols=True,
+                        disable=self.config.get("quiet", False) or not self.ranks.main)
+        with self.stop_request:
+            yield
 
-    def end_of_epoch(self, epoch, step, steps_per_epoch, stop_signal):
-        """(the epoch's mean loss, the stop signal of any rank); one host sync (and under torchrun
-        one all-reduce) per epoch. A non-finite loss stops the run, the last checkpoint kept."""
+    def after_step(self, epoch, batch, step, perm):
+        """A stop requested during the step: checkpoint here (under torchrun: all ranks, at the epoch's end)."""
+        if self.stop_request.signal is not None and not self.ranks.distributed:
+            self.stop(epoch, batch, step, perm)
+
+    def end_of_epoch(self, epoch, step, steps_per_epoch):
+        """The epoch's loss checked (non-finite: stop, the last checkpoint kept) and shown; autoguidance's guide
+        kept at its epoch; a frame every --save_images_step epochs; a checkpoint every --checkpoint_every."""
         epoch_losses = self.losses[step - steps_per_epoch:step]
-        stop_signal = self.ranks.average_epoch(epoch_losses, stop_signal)  # loss.npy: the ranks' mean
+        # one host sync (under torchrun one all-reduce) per epoch; loss.npy: the ranks' mean
+        stop_signal = self.ranks.average_epoch(epoch_losses, self.stop_request.signal)
         epoch_loss = float(epoch_losses.mean())
         if not math.isfinite(epoch_loss):
-            self.progress.close()
+            self.bar.close()
             if self.frames is not None:
                 self.frames.close()
             raise NonFiniteLoss(epoch_losses, step - steps_per_epoch, epoch, self.config["learning_rate"])
-        self.progress.update(steps_per_epoch)
+        self.bar.update(steps_per_epoch)
         score = self.frames.latest_score() if self.frames is not None else None
         if score is not None:
-            self.progress.set_postfix(loss=f"{epoch_loss:.3f}", score=f"{score['score']:.4f}",
-                                      floor=f"{score['floor']:.4f}", refresh=False)
-        return epoch_loss, stop_signal
+            self.bar.set_postfix(loss=f"{epoch_loss:.3f}", score=f"{score['score']:.4f}",
+                                 floor=f"{score['floor']:.4f}", refresh=False)
+        last_epoch = epoch == self.config["num_epochs"] - 1
+        if self.ranks.main and epoch + 1 == self.config.get("guide_epoch"):  # autoguidance's weaker model, kept
+            self.frames.keep_guide(self.sampled_model.state_dict())
+        if self.ranks.main and ((epoch + 1) % self.config["save_images_step"] == 0 or last_epoch):
+            row = {"frame": len(self.frames.rows), "epoch": epoch, "step": step, "loss": epoch_loss,
+                   "seconds": self.seconds()}
+            self.frames.submit(row, self.sampled_model.state_dict())
+        if (epoch + 1) % self.config["checkpoint_every"] == 0 or last_epoch:
+            self.checkpoint.save(epoch + 1, 0, step, None, self.seconds(), wait=last_epoch)
+        if stop_signal:
+            self.stop(epoch + 1, 0, step, None, stop_signal)
 
-    def frame_row(self, epoch, step, loss):
-        """The next frame's row of metrics.csv, as known before it is made."""
-        return {"frame": len(self.frames.rows), "epoch": epoch, "step": step, "loss": loss, "seconds": self.seconds()}
-
-    def stop(self, checkpoint, epoch, batch, step, perm, stop, signum=None):
+    def stop(self, epoch, batch, step, perm, signum=None):
         """Ctrl-C or SIGTERM: a checkpoint and the outputs so far, then exit 130 / 143."""
-        signum = signum or stop.signal
-        checkpoint.save(epoch, batch, step, perm, self.seconds())
+        signum = signum or self.stop_request.signal
+        self.checkpoint.save(epoch, batch, step, perm, self.seconds())
         if self._write(step) is not None:
-            self.log(f"{stop.name(signum)}: stopped at step {step} (epoch {epoch}); checkpoint written. Continue "
-                     f"with: python ddpm.py --experiment_name {self.config['experiment_name']} "
+            self.log(f"{self.stop_request.name(signum)}: stopped at step {step} (epoch {epoch}); checkpoint written. "
+                     f"Continue with: python ddpm.py --experiment_name {self.config['experiment_name']} "
                      f"--out_dir {self.config['out_dir']} --resume")
-        sys.exit(stop.exit_status(signum))
+        sys.exit(self.stop_request.exit_status(signum))
 
     def finish(self, step):
         """Every output written; the final score and the timings (None on the other ranks)."""
@@ -201,7 +269,7 @@ class Run:
                 "sampling_seconds": self.frames.seconds["sampling"], "drawing_seconds": self.frames.seconds["drawing"]}
 
     def _write(self, step):
-        self.progress.close()
+        self.bar.close()
         if not self.ranks.main:
             return None
         frame_list, table = self.frames.finished()

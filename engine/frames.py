@@ -1,9 +1,9 @@
 """The frames of a training run: sample, score and draw the model as it was at an epoch.
 
-A frame is `eval_batch_size` samples from the full reverse process. On a CPU with two or
-more cores the frames are made in one worker process while training goes on: training
-a small MLP at batch 32 cannot use a second core, but sampling 1,000 points x 200 steps
-per frame can (docs/speed.md). Each frame's noise comes from its own generator, seeded
+A frame is `eval_batch_size` samples from the reverse process. On a CPU with two or more cores
+the frames of a 2D run are made in one worker process while training goes on: training the MLP
+(one thread) cannot use a second core, but sampling 1,000 points x 200 steps per frame can
+(docs/speed.md). `draw` is the sampling loop that sample.py uses too. Each frame's noise comes from its own generator, seeded
 by (seed, frame index), so a frame is the same whichever process makes it and whenever
 (after a resume too). ddpm.train hands over its build_model, build_scheduler and sample
 functions (by reference: they reach the worker by name, not as code).
@@ -17,8 +17,8 @@ import time
 import torch
 
 import datasets
-import metrics
-import plotting
+from engine import metrics, plotting
+from extensions.guidance import Guidance
 
 BASICS = ("frame", "epoch", "step", "loss", "seconds")  # a frame's row of metrics.csv before its score
 
@@ -27,13 +27,67 @@ def frame_generator(seed, frame_index, device="cpu"):
     return torch.Generator(device).manual_seed(seed * 1_000_003 + frame_index + 1)
 
 
+def frame_count(config):
+    """How many frames a run makes at most: one every --save_images_step epochs, and one after the last."""
+    return config["num_epochs"] // config["save_images_step"] + 1
+
+
+def chunk_size(config):
+    """Samples per call of the sampler: images in chunks of 100, whose activations stay in cache (docs/speed.md)."""
+    return 100 if datasets.is_image_dataset(config["dataset"]) else config["eval_batch_size"]
+
+
+def memory_error(config):
+    """Why a frame of --eval_batch_size samples can't fit in this machine's memory, in one line; None if it can.
+    A 2D frame's score compares every pair of its points with a fresh sample as large (metrics.py): three
+    n x n float64 distance matrices; its sampling holds n x hidden_size activations."""
+    n = config["eval_batch_size"]
+    if datasets.is_image_dataset(config["dataset"]):
+        need = min(n, 100) * 2_000_000 + n * 28 * 28 * 4 * 3  # a chunk's U-Net activations, the frame itself
+    else:
+        need = 8 * n * n + n * config.get("hidden_size", 128) * 4 * 8
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > total / 2:
+        return (f"--eval_batch_size {n}: a frame of that many samples needs about {need / 2**30:.0f} GiB of memory, "
+                f"more than half of this machine's {total / 2**30:.0f} GiB")
+    return None
+
+
+def guidance(config, guide_model=None):
+    """The Guidance of a run's frames (extensions/guidance.py): classifier-free guidance at --guidance_scale for a
+    class-conditional run, autoguidance at --autoguidance away from `guide_model`, or none (None)."""
+    if config.get("class_conditional") and config.get("guidance_scale", 1.0) != 1.0:
+        scale = config["guidance_scale"]
+    elif guide_model is not None and config.get("autoguidance", 1.0) != 1.0:
+        scale = config["autoguidance"]
+    else:
+        return None
+    interval = config.get("guidance_interval")
+    return Guidance(scale, guide_model, tuple(interval) if interval else None, config.get("guide_x0_only", False))
+
+
+def draw(sample, model, scheduler, n, shape, chunk, generator, device, label=None, **sampling):
+    """n samples [n, *shape] on the CPU, `chunk` at a time, one generator running through them all. A
+    class-conditional model draws `label`, or the labels 0, 1, ..., 9, 0, 1, ... in turn. sample is
+    ddpm.sample; `sampling` its keywords (sampler, num_inference_steps, eta, guidance, ...)."""
+    classes, chunks = getattr(model, "num_classes", None), []
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        labels = None
+        if classes:
+            labels = (torch.full((size,), label, device=device) if label is not None
+                      else torch.arange(start, start + size, device=device) % classes)
+        chunks.append(sample(model, scheduler, (size, *shape), generator=generator, device=device, labels=labels,
+                             **sampling).cpu())
+    return torch.cat(chunks)
+
+
 def use_worker(config, device):
     """--frame_worker auto: a second process on a multi-core CPU, for a real amount of 2D sampling
     (it costs a process start of a few seconds)."""
     choice = config.get("frame_worker", "auto")
     if choice == "auto":
-        n_frames = config["num_epochs"] // config["save_images_step"] + 1
-        work = n_frames * config["eval_batch_size"] * (config["num_inference_steps"] or config["num_timesteps"])
+        work = frame_count(config) * config["eval_batch_size"] * (config["num_inference_steps"] or config["num_timesteps"])
         return (device == "cpu" and (os.cpu_count() or 1) >= 2 and work >= 2_000_000
                 and not datasets.is_image_dataset(config["dataset"]))
     return choice == "on"
@@ -50,8 +104,6 @@ class FrameMaker:
         self.scheduler = build_scheduler(config, device)
         self.scorer = metrics.make_scorer(config)
         self.shape = (config["eval_batch_size"], *datasets.sample_shape(config))
-        # images in chunks of 100: the activations of a chunk stay in cache (docs/speed.md)
-        self.chunk = 100 if datasets.is_image_dataset(config["dataset"]) else self.shape[0]
         self.images = os.path.join(exp_dir, "images")
         os.makedirs(self.images, exist_ok=True)
         self.drawer = plotting.FrameDrawer(datasets.is_image_dataset(config["dataset"]))
@@ -59,29 +111,17 @@ class FrameMaker:
     def __call__(self, frame_index, epoch, state_dict, guide_state=None):
         tic = time.perf_counter()
         self.model.load_state_dict(state_dict)
-        guide, guidance = None, self.config.get("guidance_scale", 1.0)
         if guide_state is not None:  # autoguidance: away from the weights of --guide_epoch
             self.guide_model.load_state_dict(guide_state)
-            guide, guidance = self.guide_model, self.config["autoguidance"]
-        generator = frame_generator(self.config["seed"], frame_index, self.device)
-        n, chunks = self.shape[0], []
-        conditional = bool(getattr(self.model, "num_classes", None))
-        for start in range(0, n, self.chunk):
-            size = min(self.chunk, n - start)
-            labels = None
-            if conditional:  # an even spread of labels
-                labels = torch.arange(start, start + size, device=self.device) % self.model.num_classes
-            chunks.append(self.sample(
-                self.model, self.scheduler, (size, *self.shape[1:]), sampler=self.config["sampler"],
-                num_inference_steps=self.config["num_inference_steps"], eta=self.config["eta"],
-                timestep_spacing=self.config.get("timestep_spacing"),
-                generator=generator, device=self.device, labels=labels,
-                guidance_scale=guidance, guide=guide, guidance_interval=self.config.get("guidance_interval"),
-                precision=self.config.get("precision", "fp32"),
-                guide_x0_only=self.config.get("guide_x0_only", False)).cpu())
-        x = torch.cat(chunks)
+        config, n = self.config, self.shape[0]
+        x = draw(self.sample, self.model, self.scheduler, n, self.shape[1:], chunk_size(config),
+                 frame_generator(config["seed"], frame_index, self.device), self.device,
+                 sampler=config["sampler"], num_inference_steps=config["num_inference_steps"], eta=config["eta"],
+                 timestep_spacing=config.get("timestep_spacing"), precision=config.get("precision", "fp32"),
+                 guidance=guidance(config, self.guide_model if guide_state is not None else None))
         # class-conditional: the score also says how often the classifier agrees with the requested label
-        score = self.scorer(x, torch.arange(n) % self.model.num_classes) if conditional else self.scorer(x)
+        classes = getattr(self.model, "num_classes", None)
+        score = self.scorer(x, torch.arange(n) % classes) if classes else self.scorer(x)
         sampled = time.perf_counter()
         self.drawer.draw(x.numpy(), os.path.join(self.images, f"{frame_index:04d}.png"), f"epoch {epoch + 1}")
         return frame_index, x, score, {"sampling": sampled - tic, "drawing": time.perf_counter() - sampled}

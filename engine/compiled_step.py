@@ -12,13 +12,15 @@ import math
 
 import torch
 
+from images.data import IMAGE_DATASETS
 
-def wanted(config, device, distributed, total_steps, is_image):
+
+def wanted(config, device, distributed, total_steps):
     """--compile auto: a 2D run on a CPU long enough to repay the compile (~4 s from the cache,
-    ~20 s the first time); on: any single-process 2D run (main() refuses it for images)."""
+    ~20 s the first time); on: any single-process 2D run (images/defaults.py refuses it for images)."""
     choice = config.get("compile", "auto")
     if choice == "auto":
-        return device == "cpu" and not distributed and not is_image and total_steps >= 5000
+        return device == "cpu" and not distributed and config["dataset"] not in IMAGE_DATASETS and total_steps >= 5000
     return choice == "on" and not distributed
 
 
@@ -27,7 +29,9 @@ def compiled_training_step(model, loss, optimizer, fallback=None, log=print):
 
     loss(net, x_start, noise, t, labels) is the diffusion loss of a batch for any `net` called
     as net(x_t, t[, labels]). If compiling fails at the first call (no C++ compiler, say),
-    `fallback` (the eager step) takes over, with a note."""
+    `fallback` (the eager step) takes over, with a note. Compiling happens at the first step; `log`
+    says so first, so that a still progress bar is not a mystery."""
+    log("compiling the training step once (about 30 s on a first run, a few s from the cache; --compile off skips it)")
     names = [name for name, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
     for p in params:  # AdamW's state, made now rather than at the first optimizer.step()

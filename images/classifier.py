@@ -15,11 +15,15 @@ These numbers are comparable only between runs scored by the same classifier.
 
     python classifier.py --dataset mnist --data_dir ../shared/data/mnist-5k samples.npy [--labels 7]
 """
+import os
+import sys
+
+if __name__ == "__main__":  # run as a script from anywhere: import the project from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse
 import hashlib
 import json
 import math
-import os
 import time
 
 import numpy as np
@@ -27,8 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import image_data
-from checkpoints import atomic_save, safe_load
+from images import data as image_data
+from engine.checkpoints import atomic_save, safe_load
 
 
 class Classifier(nn.Module):

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from checkpoints import CheckpointError
+from engine.checkpoints import CheckpointError
+from images.data import IMAGE_DATASETS
 
 
 def pick_device(name, rank=0):
@@ -76,11 +77,16 @@ def finish(world_size):
 
 
 class Processes:
-    """The ranks of one training run, as train() needs them."""
+    """The ranks of one training run, as train() needs them, and this process's device and threads."""
 
-    def __init__(self, rank, world_size, device):
-        self.rank, self.world_size, self.device = rank, world_size, device
+    def __init__(self, rank, world_size, config):
+        self.rank, self.world_size, self.device = rank, world_size, pick_device(config["device"], rank)
         self.distributed, self.main = world_size > 1, rank == 0
+        # denormal floats (|x| < 1e-38) creep into activations and optimizer states as training goes
+        # on and slow x86 CPUs down several times; flushing them to zero changes nothing visible
+        torch.set_flush_denormal(True)
+        if self.device == "cpu" and config["dataset"] not in IMAGE_DATASETS and not self.distributed:
+            torch.set_num_threads(1)  # the MLP's tiny matrices: a second thread spins against the frame worker
 
     def wrap(self, model):
         """What the training step calls: the model, or a DDP wrapper sharing its weights."""

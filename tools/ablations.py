@@ -10,13 +10,16 @@ row "ours (default)": plain `python ddpm.py --dataset dino` with ddpm.py's curre
 Every run is `python ddpm.py ...` in a subprocess (one torch thread each, up to --jobs at
 a time) under exps/ablations/<run>/; a finished run is skipped, an interrupted one resumed.
 """
+import os
+import sys
+
+if __name__ == "__main__":  # run as a script from anywhere: import the project from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,16 +27,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-import cli
+from engine import cli
 import datasets
-import ddp
+from engine import ddp
 import ddpm
-import experiment
-import figures
-import metrics
+from engine import experiment
+from tools import figures
+from engine import metrics
 from sample import load_experiment
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 CLASSIC = {  # the classic tiny-diffusion's configuration, pinned: ddpm.py's defaults may move
     "dataset": "dino", "dataset_size": 8000, "num_timesteps": 50, "beta_schedule": "linear",
@@ -63,7 +66,7 @@ OURS = "ours (default)"
 
 def command(name, flags, out_dir, mode=None):
     """The ddpm.py command line of one run; mode is None, "resume" or "overwrite"."""
-    argv = [sys.executable, os.path.join(HERE, "ddpm.py"), "--experiment_name", name, "--out_dir", out_dir]
+    argv = [sys.executable, os.path.join(ROOT, "ddpm.py"), "--experiment_name", name, "--out_dir", out_dir]
     return argv + cli.as_argv(flags) + ["--quiet"] + ([f"--{mode}"] if mode else [])
 
 
@@ -376,7 +379,7 @@ def main(argv=None):
         draw_study(study, study_runs(study, overrides), args.out_dir, path)
         print(f"wrote {path}", flush=True)
     if args.study == "all":  # the tables into docs/ablations.md; a --quick smoke test's beside its figures
-        tables = os.path.join(args.static_dir, "ablations.md") if args.quick else os.path.join(HERE, "docs", "ablations.md")
+        tables = os.path.join(args.static_dir, "ablations.md") if args.quick else os.path.join(ROOT, "docs", "ablations.md")
         write_tables(studies, overrides, args.out_dir, tables)
         draw_pictures(args.out_dir, args.static_dir)
         print(f"wrote {tables}, {args.static_dir}/forward.png, reverse.png, animation.gif", flush=True)

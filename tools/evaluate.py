@@ -12,16 +12,20 @@ spacing), and reports the means of
   - for `line` (a uniform rectangle |x| <= 2, |y| <= 4): the share of samples in the corner
     regions |x| > 1.5, |y| > 3 (6.25% for the real thing) and outside the rectangle.
 """
+import os
 import sys
+
+if __name__ == "__main__":  # run as a script from anywhere: import the project from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import torch
 
-import cli
+from engine import cli
 import datasets
 import ddpm
-import metrics
-from checkpoints import CheckpointError
+from engine import metrics
+from engine.checkpoints import CheckpointError
 from sample import load_experiment
 
 STEPS = (50, 20, 10)

@@ -13,6 +13,7 @@ import io
 import os
 import signal
 import tempfile
+import zipfile
 
 import numpy as np
 import torch
@@ -55,25 +56,50 @@ def atomic_write_text(path, text):
 
 
 def strip_ddp_prefix(state_dict):
-    """Weights saved from a DistributedDataParallel or torch.compile wrapper load anywhere."""
+    """Weights saved from a DistributedDataParallel or torch.compile wrapper load anywhere; so do MLPs saved
+    before the per-axis input embedding was one module (input_embedding_x. -> input_embedding.x.)."""
     out = {}
     for key, value in state_dict.items():
         for prefix in ("module.", "_orig_mod."):
             while key.startswith(prefix):
                 key = key[len(prefix):]
+        for axis in "xy":
+            if key.startswith(f"input_embedding_{axis}."):
+                key = f"input_embedding.{axis}." + key[len(f"input_embedding_{axis}."):]
         out[key] = value
     return out
 
 
 def safe_load(path):
-    """torch.load with weights_only=True, every failure turned into a one-line CheckpointError."""
+    """torch.load with weights_only=True, every failure turned into a one-line CheckpointError that says,
+    in words, what is wrong with the file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file")
-    except Exception as e:  # truncated, foreign or not a torch file at all
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first_line[:160]})")
+    except Exception as e:  # truncated, damaged, foreign or not a torch file at all
+        raise CheckpointError(f"{path} {why_unreadable(path, e)}")
+
+
+def why_unreadable(path, error):
+    """What is wrong with a file torch.load refused, for the user: the loader's own messages ("pop from
+    empty list", "Invalid argument") say little."""
+    if os.path.getsize(path) == 0:
+        return "is empty (0 bytes)"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive whose directory is at its end
+        return "is not a PyTorch file: it is truncated or damaged, or a file of another kind"
+    if "weights only load failed" in str(error).lower():
+        return ("holds Python objects other than tensors and plain containers, and loading those could run "
+                "code (torch.load with weights_only=True refuses them)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, RuntimeError) as e:
+        damaged = str(e)
+    if damaged:
+        return f"is damaged: part of it ({damaged}) fails its checksum"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"is a PyTorch file that can't be read as weights ({first_line[:120]})"
 
 
 def load_weights(model, state_dict, path):
