@@ -27,8 +27,7 @@ import torch.nn.functional as F
 
 import datasets
 from engine import cli, compiled_step, ddp, experiment
-from extensions import dpm_solver, min_snr, spacing
-from extensions.guidance import denoise as guided_denoise
+from extensions import dpm_solver, guidance as guided, min_snr, spacing
 from images import defaults as image_defaults
 from positional_embeddings import make_embedding, make_point_embedding
 
@@ -42,10 +41,9 @@ DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpmpp_2m": "quadratic"
 
 
 def default_beta_range(num_timesteps, beta_start=None, beta_end=None):
-    """(beta_start, beta_end), the defaults for those None. DDPM's betas 1e-4 .. 0.02 were chosen for
-    T = 1000. The last one, rescaled by 1000 / T (as Improved DDPM does), makes the forward process end
-    in noise for any T: with T = 50 the unscaled 0.02 stops at alpha_bar_T = 0.60, far from the N(0, I)
-    that sampling starts from. The first stays 1e-4: the smallest noise level sets the finest detail."""
+    """(beta_start, beta_end), the defaults for those None: DDPM's 1e-4 .. 0.02 of T = 1000, the last
+    rescaled by 1000 / T (as Improved DDPM does) so that the forward process ends in noise for any T
+    (T = 50 with 0.02 stops at alpha_bar_T = 0.60, far from the N(0, I) that sampling starts from)."""
     return (1e-4 if beta_start is None else beta_start,
             min(0.02 * 1000 / num_timesteps, 0.999) if beta_end is None else beta_end)
 
@@ -211,7 +209,7 @@ def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None,
         if guidance is None:
             x0, eps = denoise(model, scheduler, x, t, labels, precision)
         else:  # classifier-free guidance or autoguidance (extensions/guidance.py)
-            x0, eps = guided_denoise(model, scheduler, x, t, labels, guidance, precision)
+            x0, eps = guided.denoise(model, scheduler, x, t, labels, guidance, precision)
         stochastic = t > 0 and sampler != "dpmpp_2m"  # ddpm and ddim draw noise at eta = 0 too, as they always did
         noise = torch.randn(shape, generator=generator, device=device) if stochastic else torch.zeros_like(x)
         if sampler == "ddpm":
@@ -258,9 +256,8 @@ class MLP(nn.Module):
         point = self.input_embedding(x)                                     # [B, P]
         if len(t) > 1:  # training: a timestep per point
             return self.joint_mlp(torch.cat([point, self.time_embedding(t)], dim=-1))
-        # One timestep for the whole batch (every sampling step). The first layer on [point; time]
-        # is W_point @ point + (W_time @ time + b): written as that sum, the time half is embedded
-        # and multiplied once, not B times (docs/speed.md).
+        # One timestep for the whole batch (sampling): the first layer W [point; time] + b written as
+        # W_point point + (W_time time + b) embeds and multiplies the time half once, not B times.
         first, P = self.joint_mlp[0], point.shape[1]
         time_term = F.linear(self.time_embedding(t), first.weight[:, P:], first.bias)  # [1, H]
         h = torch.addmm(time_term, point, first.weight[:, :P].T)            # [B, H]
@@ -278,8 +275,7 @@ def build_model(config):
 
 
 def build_scheduler(config, device="cpu"):
-    """The NoiseScheduler described by a config dict; configs from before --clip_sample clipped
-    images at 1 and 2D points not at all."""
+    """The NoiseScheduler of a config dict (configs from before --clip_sample: images at 1, points none)."""
     clip = config.get("clip_sample", 1.0 if datasets.is_image_dataset(config["dataset"]) else 0.0)
     return NoiseScheduler(config["num_timesteps"], config["beta_schedule"], config.get("beta_start"),
                           config.get("beta_end"), config.get("prediction", "epsilon"), clip or None, device)
@@ -288,10 +284,9 @@ def build_scheduler(config, device="cpu"):
 # ---- The loss and one optimizer step -------------------------------------------------------
 
 def sample_timesteps(n, num_timesteps, low_noise_fraction, generator, device="cpu"):
-    """Training timesteps [n]: uniform over 0..T-1 as in Algorithm 1, except that a share
-    `low_noise_fraction` of them is drawn uniformly from the lowest fifth, ceil(T/5) steps.
-    Uniform t spends most of training at high noise; the 2D samples' sharpness is set at the
-    lowest noise levels, where the network must snap a point onto the data (docs/defaults.md)."""
+    """Training timesteps [n]: uniform over 0..T-1 as in Algorithm 1, except a share `low_noise_fraction`
+    drawn from the lowest fifth: the 2D samples' sharpness is set at the lowest noise levels, where the
+    network must snap a point onto the data, and uniform t spends little time there (docs/defaults.md)."""
     t = torch.randint(0, num_timesteps, (n,), generator=generator, device=device)
     if low_noise_fraction > 0:
         low = torch.randint(0, math.ceil(num_timesteps / 5), (n,), generator=generator, device=device)
@@ -300,9 +295,8 @@ def sample_timesteps(n, num_timesteps, low_noise_fraction, generator, device="cp
 
 
 def diffusion_loss(net, x_start, noise, t, labels=None, *, scheduler, precision="fp32", min_snr_gamma=0.0):
-    """The loss of Algorithm 1 on a batch: noise it (eq. 4), regress the target (eq. 14).
-    `net` is anything called as net(x_t, t[, labels]): the model, its DistributedDataParallel
-    wrapper, or the model with other weights (engine/compiled_step.py)."""
+    """The loss of Algorithm 1 on a batch: noise it (eq. 4), regress the target (eq. 14). `net`: the model,
+    its DistributedDataParallel wrapper, or the model with other weights (engine/compiled_step.py)."""
     x_t = scheduler.add_noise(x_start, noise, t)                     # forward process, eq. 4
     with torch.autocast(x_start.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         prediction = net(x_t, t) if labels is None else net(x_t, t, labels)
@@ -312,10 +306,10 @@ def diffusion_loss(net, x_start, noise, t, labels=None, *, scheduler, precision=
     return F.mse_loss(prediction.float(), target)                    # eq. 14, the simple loss
 
 
-def training_step(net, scheduler, optimizer, x_start, noise, t, labels=None, precision="fp32", min_snr_gamma=0.0):
-    """One optimizer step: the loss, its gradient, clipping to norm 1, an AdamW update."""
-    loss = diffusion_loss(net, x_start, noise, t, labels, scheduler=scheduler, precision=precision,
-                          min_snr_gamma=min_snr_gamma)
+def training_step(net, loss_function, optimizer, x_start, noise, t, labels=None):
+    """One optimizer step: the loss (loss_function: diffusion_loss with its settings), its gradient,
+    clipping to norm 1, an AdamW update."""
+    loss = loss_function(net, x_start, noise, t, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()                                                  # DDP averages gradients here
     nn.utils.clip_grad_norm_(net.parameters(), 1.0, foreach=True)
@@ -324,17 +318,15 @@ def training_step(net, scheduler, optimizer, x_start, noise, t, labels=None, pre
 
 
 def learning_rate_at(step, total_steps, config):
-    """--lr_schedule: "constant", or "cosine": from learning_rate down to 0 over the run
-    (Loshchilov & Hutter 2017), so the last steps make small, precise moves."""
+    """--lr_schedule "constant", or "cosine" from learning_rate to 0 (Loshchilov & Hutter 2017)."""
     if config.get("lr_schedule", "constant") == "constant":
         return config["learning_rate"]
     return config["learning_rate"] * 0.5 * (1 + math.cos(math.pi * step / total_steps))
 
 
 def ema_decay_at(step, decay):
-    """EMA warm-up: the decay (1 + step) / (10 + step) until it reaches `decay` (at step 9 / (1 - decay) - 10).
-    Until then the EMA is a power average: step s's weights count about s^8, centred 10% of the steps
-    back (a 5,670-step image run never reaches 0.999: docs/mnist.md)."""
+    """EMA warm-up: the decay (1 + step) / (10 + step) until it reaches `decay`; until then the EMA is a
+    power average, step s's weights counting about s^8 (an image run never reaches 0.999: docs/mnist.md)."""
     return min(decay, (1 + step) / (10 + step))
 
 
@@ -363,10 +355,10 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
     run = experiment.Run(config, exp_dir, ranks, model, ema_model, optimizer, losses, order_generator,
                          noise_generator, (build_model, build_scheduler, sample), started, log)
     start_epoch, start_batch, step, perm = run.resume() if resume else (0, 0, 0, None)
-    options = {"precision": config["precision"], "min_snr_gamma": config.get("min_snr_gamma", 0.0)}
-    optimizer_step = functools.partial(training_step, ranks.wrap(model), scheduler, optimizer, **options)
+    loss = functools.partial(diffusion_loss, scheduler=scheduler, precision=config["precision"],
+                             min_snr_gamma=config.get("min_snr_gamma", 0.0))  # loss(net, x_start, noise, t, labels)
+    optimizer_step = functools.partial(training_step, ranks.wrap(model), loss, optimizer)
     if compiled_step.wanted(config, device, ranks.distributed, total_steps):  # the same step as one graph
-        loss = functools.partial(diffusion_loss, scheduler=scheduler, **options)  # loss(net, x_start, noise, t, labels)
         optimizer_step = compiled_step.compiled_training_step(model, loss, optimizer, optimizer_step, log)
 
     with run.progress(total_steps, step):
@@ -380,10 +372,7 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
                 x_start = data[index]                                            # x_0 ~ q(x_0)
                 noise = torch.randn(x_start.shape, generator=noise_generator, device=device)  # eps ~ N(0, I)
                 t = sample_timesteps(len(index), T, config.get("low_noise_fraction", 0.0), noise_generator, device)
-                y = None
-                if labels is not None:  # drop the label 10% of the time so the model also learns p(x)
-                    drop = torch.rand(len(index), generator=noise_generator, device=device) < 0.1
-                    y = torch.where(drop, model.null_label, labels[index])
+                y = guided.drop_labels(labels, index, model, noise_generator)  # classifier-free training
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate_at(step, total_steps, config)
                 losses[step] = optimizer_step(x_start, noise, t, y)   # a gradient step on eq. 14

@@ -1,6 +1,7 @@
 """Guidance: sampling steps pushed away from a weaker prediction, out = weak + w (strong - weak).
 
-ddpm.sample calls `denoise` here, in place of the plain network evaluation, when a Guidance is given.
+ddpm.sample calls `denoise` here, in place of the plain network evaluation, when a Guidance is given;
+ddpm.train calls `drop_labels` for the classifier-free training of class-conditional runs.
   classifier-free   the weaker prediction is the model's own without its label (Ho & Salimans 2022):
                     class-conditional runs, --guidance_scale w
   autoguidance      the weaker prediction is the same network earlier in training, whose errors the
@@ -57,6 +58,16 @@ def denoise(model, scheduler, x, t, labels, guidance, precision="fp32"):
     if guidance.x0_only and own is not output:  # the noise direction from the model's own prediction
         _, eps = scheduler.predict_x0_and_eps(own.float(), x, t_batch)
     return x0, eps
+
+
+def drop_labels(labels, index, model, generator, p_uncond=0.1):
+    """Classifier-free training (Ho & Salimans 2022): the labels [B] of the batch `index`, each replaced by
+    the model's null label with probability p_uncond, so that one network also learns p(x); None when
+    the run has no labels."""
+    if labels is None:
+        return None
+    drop = torch.rand(len(index), generator=generator, device=labels.device) < p_uncond
+    return torch.where(drop, model.null_label, labels[index])
 
 
 def interval_error(interval, num_timesteps):

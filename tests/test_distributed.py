@@ -49,7 +49,8 @@ def _one_step_on_rank(rank, world_size, port, batch, out_path):
     net = torch.nn.parallel.DistributedDataParallel(model)
     half = len(x) // world_size
     part = slice(rank * half, (rank + 1) * half)
-    ddpm.training_step(net, scheduler, optimizer, x[part], noise[part], t[part])
+    ddpm.training_step(net, functools.partial(ddpm.diffusion_loss, scheduler=scheduler), optimizer, x[part],
+                       noise[part], t[part])
     if rank == 0:
         torch.save(model.state_dict(), out_path)
     # both ranks done before either tears gloo down: a rank that leaves while the other is still
@@ -75,7 +76,7 @@ def test_ddp_first_step_equals_one_process_with_the_whole_batch(tmp_path):
     ddp_weights = torch.load(out, weights_only=True)
     model, scheduler, optimizer, (x, noise, t) = make_batch()
     before = copy.deepcopy(model.state_dict())
-    ddpm.training_step(model, scheduler, optimizer, x, noise, t)  # batch 2B in one process
+    ddpm.training_step(model, functools.partial(ddpm.diffusion_loss, scheduler=scheduler), optimizer, x, noise, t)
     for name, value in model.named_parameters():
         torch.testing.assert_close(ddp_weights[name], value, rtol=1e-5, atol=1e-6)
         assert not torch.equal(value, before[name])  # the step moved every weight
@@ -122,13 +123,13 @@ def test_compiled_step_falls_back_when_compiling_fails(monkeypatch):
     scheduler = ddpm.NoiseScheduler(10)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, reference)]
     messages = []
-    eager = functools.partial(ddpm.training_step, model, scheduler, optimizers[0])
     loss = functools.partial(ddpm.diffusion_loss, scheduler=scheduler)
+    eager = functools.partial(ddpm.training_step, model, loss, optimizers[0])
     step = compiled_step.compiled_training_step(model, loss, optimizers[0], eager, messages.append)
     x, noise, t = torch.randn(8, 2), torch.randn(8, 2), torch.randint(0, 10, (8,))
     for _ in range(2):
         step(x, noise, t)
-        ddpm.training_step(reference, scheduler, optimizers[1], x, noise, t)
+        ddpm.training_step(reference, loss, optimizers[1], x, noise, t)
     assert len(messages) == 2 and "compiling" in messages[0]
     assert "no C++ compiler found" in messages[1] and "second line" not in messages[1]
     for p, q in zip(model.parameters(), reference.parameters()):
