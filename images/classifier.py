@@ -13,7 +13,7 @@ its test accuracy. For a frame of generated images it reports
              for held-out test images: well below 1 would mean copied training images.
 These numbers are comparable only between runs scored by the same classifier.
 
-    python classifier.py --dataset mnist --data_dir ../shared/data/mnist-5k samples.npy [--labels 7]
+    python images/classifier.py --dataset mnist --data_dir ../shared/data/mnist-5k samples.npy [--labels 7]
 """
 import os
 import sys

@@ -1,8 +1,8 @@
 """The classic tiny-diffusion's eight ablation studies, reproduced with numbers.
 
-    python ablations.py learning_rate     # train that study's runs, draw static/learning_rate.png
-    python ablations.py all               # every study and figure; the tables into docs/ablations.md
-    python ablations.py -h                # the studies and their values
+    python tools/ablations.py learning_rate     # train that study's runs, draw static/learning_rate.png
+    python tools/ablations.py all               # every study and figure; the tables into docs/ablations.md
+    python tools/ablations.py -h                # the studies and their values
 
 Each study changes one flag of the CLASSIC configuration (the one the classic's claims are
 about) and keeps the seed, so rows differ only in the studied value. Each grid also gets one
@@ -302,7 +302,7 @@ def study_table(study, runs, out_dir):
 def write_tables(studies, overrides, out_dir, path):
     """Each study's table into `path` between its markers <!-- table: STUDY --> and <!-- /table -->
     (docs/ablations.md keeps its prose around them); a new file of the tables where there is none."""
-    text = open(path).read() if os.path.exists(path) else "# Ablation tables\n\nWritten by `python ablations.py all`.\n"
+    text = open(path).read() if os.path.exists(path) else "# Ablation tables\n\nWritten by `python tools/ablations.py all`.\n"
     for study in studies:
         table = f"<!-- table: {study} -->\n{study_table(study, study_runs(study, overrides), out_dir)}<!-- /table -->"
         pattern = re.compile(rf"<!-- table: {study} -->.*?<!-- /table -->", re.S)

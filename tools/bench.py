@@ -1,7 +1,7 @@
 """Where the time goes: a benchmark of this machine, printed as a table and written to bench.json.
 
-    python bench.py            # about 4 minutes on a 2-core laptop CPU
-    python bench.py --quick    # smaller counts, for a smoke test
+    python tools/bench.py            # about 4 minutes on a 2-core laptop CPU
+    python tools/bench.py --quick    # smaller counts, for a smoke test
 
 Measures, in one run so that ratios are fair: optimizer steps/s of the default MLP (ours and a
 naive textbook loop), sampling throughput, frame drawing, the default dino run and the classic
@@ -198,7 +198,7 @@ def unet_images_per_second(quick, precision="fp32"):
 
 
 def main():
-    parser = cli.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="tools/bench.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts (a smoke test, not a measurement)")
     parser.add_argument("--output", default="bench.json")
     parser.add_argument("--skip_end_to_end", action="store_true", help="leave out the two full runs")

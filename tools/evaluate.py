@@ -1,6 +1,6 @@
 """Judge a trained 2D experiment: sample quality against the number of sampling steps.
 
-    python evaluate.py exps/base exps/moons ...    # prints a markdown table, one row per sampler
+    python tools/evaluate.py exps/base exps/moons ...    # prints a markdown table, one row per sampler
 
 For each experiment it draws 1,000 samples five times over (seeds 0-4; EMA weights where kept)
 with DDPM over all T steps, and with DDIM, DPM-Solver++(2M) and its SDE form over 50, 20
@@ -68,7 +68,7 @@ def evaluate(experiment_dir, n=1000, num_seeds=5, sweep=False):
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="tools/evaluate.py", description=__doc__.splitlines()[0])
     parser.add_argument("experiments", nargs="+", help="experiment folders of 2D runs")
     parser.add_argument("--num_samples", type=cli.positive_int, default=1000)
     parser.add_argument("--num_seeds", type=cli.positive_int, default=5,

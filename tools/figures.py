@@ -186,7 +186,7 @@ def draw_tradeoff(csv_path, path, real_confident=91.4):
     return means
 
 
-if __name__ == "__main__":  # python figures.py RUN_DIR COND_RUN_DIR static/mnist.png
+if __name__ == "__main__":  # python tools/figures.py RUN_DIR COND_RUN_DIR static/mnist.png
     import sys
     if len(sys.argv) == 4 and sys.argv[1] == "--tradeoff" and sys.argv[3].endswith(".png"):
         try:
@@ -197,8 +197,8 @@ if __name__ == "__main__":  # python figures.py RUN_DIR COND_RUN_DIR static/mnis
     elif len(sys.argv) == 4 and sys.argv[3].endswith(".png"):
         draw_image_runs(*sys.argv[1:4])
     else:
-        print("usage: python figures.py RUN_DIR COND_RUN_DIR OUT.png: the last frame of an unconditional image "
+        print("usage: python tools/figures.py RUN_DIR COND_RUN_DIR OUT.png: the last frame of an unconditional image "
               "run beside the rows 0-9 of a class-conditional one;\n"
-              "       python figures.py --tradeoff MEASURED.csv OUT.png: confident share against Frechet / floor "
+              "       python tools/figures.py --tradeoff MEASURED.csv OUT.png: confident share against Frechet / floor "
               "(docs/mnist_tradeoff.csv)", file=sys.stderr)
         sys.exit(2)
