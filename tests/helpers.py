@@ -45,6 +45,50 @@ def parse_config(argv):
     return config, given, parser
 
 
+def digit_like(n, rng):
+    """n fake 28x28 uint8 'digits': a bright bar whose position is the label, plus noise."""
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        images[i, 4:24, 2 + 2 * label:4 + 2 * label] = 255
+    return images, labels
+
+
+def write_fake_mnist(folder):
+    """The four MNIST IDX .gz files in `folder`: 200 train and 100 test fake digits; returns the folder as str."""
+    from images import data as image_data
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 200), ("test", 100)):
+        images, labels = digit_like(n, rng)
+        image_file, label_file = image_data.IDX_FILES[split]
+        image_data.write_idx(os.path.join(folder, image_file), images)
+        image_data.write_idx(os.path.join(folder, label_file), labels)
+    return str(folder)
+
+
+def numpy_betas(schedule, T, start, end):
+    """The beta schedules written out independently, in numpy (float64)."""
+    if schedule == "linear":
+        return np.linspace(start, end, T)
+    if schedule == "quadratic":
+        return np.linspace(np.sqrt(start), np.sqrt(end), T) ** 2
+    if schedule == "sigmoid":
+        return 1 / (1 + np.exp(-np.linspace(-6, 6, T))) * (end - start) + start
+    f = np.cos((np.arange(T + 1) / T + 0.008) / 1.008 * np.pi / 2) ** 2  # cosine: Nichol & Dhariwal, eq. 17
+    return np.minimum(1 - f[1:] / f[:-1], 0.999)
+
+
+def sample_draws(shape, seed, timesteps, sampler):
+    """x_T and the noise z of every step, as ddpm.sample draws them from torch.Generator().manual_seed(seed):
+    x_T first, then one N(0, I) per visited timestep t > 0 (ddpm, ddim, dpmpp_2m_sde; dpmpp_2m draws none).
+    Returns (x_T, [z per step]) in float64, z = 0 where nothing is drawn."""
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(shape, generator=g)
+    zs = [torch.randn(shape, generator=g) if t > 0 and sampler != "dpmpp_2m" else torch.zeros(shape)
+          for t in timesteps]
+    return x_T.double(), [z.double() for z in zs]
+
+
 class ExactGaussianDenoiser(torch.nn.Module):
     """The optimal network for data N(mu, s^2 I), in closed form:
     eps*(x_t, t) = sqrt(1 - abar_t) (x_t - sqrt(abar_t) mu) / (abar_t s^2 + 1 - abar_t),

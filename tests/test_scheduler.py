@@ -6,19 +6,7 @@ import torch
 import ddpm
 from ddpm import NoiseScheduler, sample
 from extensions import dpm_solver, min_snr
-from helpers import ExactGaussianDenoiser
-
-
-def numpy_betas(schedule, T, start, end):
-    """The schedules written out independently, in numpy."""
-    if schedule == "linear":
-        return np.linspace(start, end, T)
-    if schedule == "quadratic":
-        return np.linspace(np.sqrt(start), np.sqrt(end), T) ** 2
-    if schedule == "sigmoid":
-        return 1 / (1 + np.exp(-np.linspace(-6, 6, T))) * (end - start) + start
-    f = np.cos((np.arange(T + 1) / T + 0.008) / 1.008 * np.pi / 2) ** 2
-    return np.minimum(1 - f[1:] / f[:-1], 0.999)
+from helpers import ExactGaussianDenoiser, numpy_betas, sample_draws
 
 
 @pytest.mark.parametrize("schedule", ddpm.SCHEDULES)
@@ -120,44 +108,140 @@ def test_ddim_with_eta_1_is_the_ddpm_step():
         torch.testing.assert_close(ddim_x, ddpm_x, rtol=1e-4, atol=1e-5)
 
 
-def test_ddim_with_eta_0_is_deterministic():
-    s = NoiseScheduler(50, "linear")
-    xt, out = torch.randn(100, 2), torch.randn(100, 2)
-    x0, eps = s.predict_x0_and_eps(out, xt, torch.full((100,), 30))
-    a = s.ddim_step(x0, eps, 30, 25, xt, 0.0, torch.randn(100, 2))
-    b = s.ddim_step(x0, eps, 30, 25, xt, 0.0, torch.randn(100, 2))
-    assert torch.equal(a, b)
+def test_ddim_step_is_eq12_with_the_sigma_of_eq16():
+    # Song et al. 2021, eq. 12: x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z, and eq. 16:
+    # sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s); s = -1 stands for abar = 1
+    T = 50
+    s = NoiseScheduler(T, "linear", 1e-4, 0.05)
+    abar = np.cumprod(1 - numpy_betas("linear", T, 1e-4, 0.05))
+    g = torch.Generator().manual_seed(0)
+    x_t, x0, eps, z = (torch.randn(100, 2, generator=g) for _ in range(4))
+    for t, prev in ((49, 30), (30, 29), (10, 0), (3, -1)):
+        ab, ab_prev = abar[t], (abar[prev] if prev >= 0 else 1.0)
+        for eta in (0.0, 0.5, 1.0):
+            sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab)) * np.sqrt(1 - ab / ab_prev)
+            by_hand = (np.sqrt(ab_prev) * x0.double() + np.sqrt(1 - ab_prev - sigma**2) * eps.double()
+                       + sigma * z.double())
+            torch.testing.assert_close(s.ddim_step(x0, eps, t, prev, x_t, eta, z).double(), by_hand,
+                                       rtol=1e-5, atol=1e-5)
+            if prev >= 0 and eta > 0:  # the noise term is far above the tolerance: it is really checked
+                assert float((sigma * z).abs().max()) > 1e-2
+    # eta = 0: the noise does not enter at all
+    assert torch.equal(s.ddim_step(x0, eps, 30, 25, x_t, 0.0, z), s.ddim_step(x0, eps, 30, 25, x_t, 0.0, 5 * z + 1))
 
-    model = lambda x, t: torch.tanh(x)  # noqa: E731  any fixed function
-    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    x1 = sample(model, s, (50, 2), sampler="ddim", num_inference_steps=10, eta=0.0, generator=g1)
-    x2 = sample(model, s, (50, 2), sampler="ddim", num_inference_steps=10, eta=0.0, generator=g2)
-    assert torch.equal(x1, x2)
+
+def hand_x0_and_eps(prediction, output, x, abar):
+    """x_0 and eps implied by the network output at x_t, eq. 4 solved by hand (v: Salimans & Ho 2022)."""
+    a, sig = np.sqrt(abar), np.sqrt(1 - abar)
+    if prediction == "epsilon":
+        return (x - sig * output) / a, output
+    if prediction == "x0":
+        return output, (x - a * output) / sig
+    return a * x - sig * output, sig * x + a * output
 
 
-SAMPLERS = [dict(sampler="ddpm"), dict(sampler="ddim", eta=0.0), dict(sampler="ddim", eta=1.0),
-            dict(sampler="ddim", eta=0.0, num_inference_steps=250), dict(sampler="dpmpp_2m", num_inference_steps=50),
-            dict(sampler="dpmpp_2m_sde", num_inference_steps=100),  # its default eta, 0.8
-            dict(sampler="dpmpp_2m_sde", eta=1.0, num_inference_steps=100)]
+STEP_SAMPLERS = [("ddpm", None, None), ("ddim", 0.0, 10), ("ddim", 1.0, 10), ("ddim", 0.5, 7),
+                 ("dpmpp_2m", None, 10), ("dpmpp_2m_sde", None, 10), ("dpmpp_2m_sde", 1.0, 10)]
+
+
+@pytest.mark.parametrize("prediction", ddpm.PREDICTIONS)
+@pytest.mark.parametrize("sampler, eta, steps", STEP_SAMPLERS, ids=lambda v: str(v))
+def test_every_step_of_sample_is_its_update_written_out_by_hand(sampler, eta, steps, prediction):
+    """Each step of sample(trajectory=True) against its update computed here in float64, from the
+    trajectory's own x_t, the network's output and the very noise sample() drew:
+      ddpm          the posterior of eq. 7: mean coef1 x0 + coef2 x_t, variance beta_tilde_t (Algorithm 2)
+      ddim          eq. 12 with the sigma of eq. 16 (eta 0: no noise)
+      dpmpp_2m      DDIM's step on D = (1 + 1/(2r)) x0 - x0' / (2r), r = h' / h in lambda = log(alpha / sigma)
+                    (Lu et al. 2022, Algorithm 2); eta > 0 (_sde) adds the noise of eq. 16 on that D
+    A sampler that ignored eta, the posterior variance, or evaluated the network at another t fails here."""
+    T = 100
+    s = NoiseScheduler(T, "linear", 1e-4, 0.05, prediction=prediction, clip_sample=None)
+    betas = numpy_betas("linear", T, 1e-4, 0.05)
+    abar = np.cumprod(1 - betas)
+    lam = 0.5 * np.log(abar / (1 - abar))
+    eta_used = {"ddpm": 1.0, "ddim": 0.0, "dpmpp_2m": 0.0, "dpmpp_2m_sde": 0.8}[sampler] if eta is None else eta
+    if sampler == "dpmpp_2m":
+        eta_used = 0.0
+
+    def model(x, t):  # any fixed network that depends on x and t
+        return torch.tanh(x + 0.3) * (0.5 + t.float() / T)
+
+    shape = (300, 2)
+    trajectory = sample(model, s, shape, sampler=sampler, num_inference_steps=steps, eta=eta,
+                        generator=torch.Generator().manual_seed(7), trajectory=True).double()
+    timesteps = s.inference_timesteps(steps, ddpm.DEFAULT_SPACING[sampler])
+    x_T, zs = sample_draws(shape, 7, timesteps, sampler)
+    assert trajectory.shape == (len(timesteps) + 1, *shape)
+    torch.testing.assert_close(trajectory[0], x_T)
+    last = None
+    for i, t in enumerate(timesteps):
+        prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        x, z = trajectory[i], zs[i]
+        ab, ab_prev = abar[t], (abar[prev] if prev >= 0 else 1.0)
+        x0, eps = hand_x0_and_eps(prediction, model(x.float(), torch.tensor([t])).double(), x, ab)
+        if sampler == "ddpm":
+            assert prev == t - 1
+            ab_prev = abar[t - 1] if t > 0 else 1.0
+            mean = (np.sqrt(ab_prev) * betas[t] / (1 - ab) * x0
+                    + np.sqrt(1 - betas[t]) * (1 - ab_prev) / (1 - ab) * x)
+            expected = mean + np.sqrt((1 - ab_prev) / (1 - ab) * betas[t]) * z
+        else:
+            if sampler.startswith("dpmpp"):
+                D = x0
+                if last is not None and prev >= 0:
+                    r = (lam[t] - lam[last[0]]) / (lam[prev] - lam[t])
+                    D = (1 + 1 / (2 * r)) * x0 - last[1] / (2 * r)
+                last = (t, x0)
+                eps_D = (x - np.sqrt(ab) * D) / np.sqrt(1 - ab)
+            else:
+                D, eps_D = x0, eps
+            sigma = eta_used * np.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+            expected = np.sqrt(ab_prev) * D + np.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps_D + sigma * z
+        torch.testing.assert_close(trajectory[i + 1], expected, rtol=1e-4, atol=2e-4,
+                                   msg=lambda m: f"step {i} (t = {t} -> {prev}): {m}")
+    if eta_used > 0:  # the noise really is part of what was checked
+        assert float(zs[len(timesteps) // 2].abs().max()) > 1
+
+
+# (sampler keywords, None for a stochastic sampler, else the largest |x_0 - the exact ODE solution| its steps allow)
+SAMPLERS = [(dict(sampler="ddpm"), None), (dict(sampler="ddim", eta=0.0), 0.01), (dict(sampler="ddim", eta=1.0), None),
+            (dict(sampler="ddim", eta=0.0, num_inference_steps=250), 0.03),  # first order: 4x the steps' error
+            (dict(sampler="dpmpp_2m", num_inference_steps=50), 0.01),
+            (dict(sampler="dpmpp_2m_sde", num_inference_steps=100), None),  # its default eta, 0.8
+            (dict(sampler="dpmpp_2m_sde", eta=1.0, num_inference_steps=100), None)]
 
 
 @pytest.mark.parametrize("schedule", ddpm.SCHEDULES)
 @pytest.mark.parametrize("prediction", ddpm.PREDICTIONS)
 @pytest.mark.parametrize("shape", [(8000, 2), (1000, 1, 4, 4)], ids=["points", "images"])
 def test_analytic_gaussian_is_reproduced_by_every_sampler(schedule, prediction, shape):
-    torch.manual_seed(0)
+    """Data N(mu, std^2 I) and its exact denoiser: the only errors left are the sampler's. The n values of a
+    draw are independent, so the tolerances are in standard errors (se). A stochastic sampler (eta > 0)
+    forgets x_T: its samples have the data's mean and variance within 4 se and no correlation with x_T.
+    A deterministic one (eta = 0) is a map of x_T: each sample is where the probability-flow ODE takes its
+    x_T (exact_ode_solution, in closed form), within the sampler's discretisation error. (Moments alone
+    could not tell the two kinds apart: DDIM at eta 1 and at eta 0 both draw N(mu, std^2).)"""
     mu, std = 1.5, 0.5
     s = NoiseScheduler(1000, schedule, prediction=prediction)
     model = ExactGaussianDenoiser(s, mu, std)
-    for kwargs in SAMPLERS:
-        x = sample(model, s, shape, generator=torch.Generator().manual_seed(0), **kwargs)
+    n = int(np.prod(shape))
+    for kwargs, ode_tolerance in SAMPLERS:
+        x = sample(model, s, shape, generator=torch.Generator().manual_seed(0), **kwargs).double()
+        x_T, _ = sample_draws(shape, 0, [], kwargs["sampler"])  # the first draw of sample()
         assert x.shape == shape
-        assert float(x.mean()) == pytest.approx(mu, abs=0.03), kwargs
-        assert float(x.var()) == pytest.approx(std**2, rel=0.05), kwargs
-        # the samples are independent Gaussians: no correlation between coordinates
+        corr = float(torch.corrcoef(torch.stack([x_T.flatten(), x.flatten()]))[0, 1])
+        if ode_tolerance is None:
+            assert float(x.mean()) == pytest.approx(mu, abs=4 * std / n**0.5), kwargs
+            assert float(x.var()) == pytest.approx(std**2, abs=4 * std**2 * (2 / n) ** 0.5), kwargs
+            assert abs(corr) < 0.1, (kwargs, corr)  # measured: |corr| <= 0.06 (eta 0.8)
+        else:
+            assert corr > 0.999, (kwargs, corr)
+            error = (x - exact_ode_solution(s, x_T, mu, std)).abs().max()
+            assert float(error) < ode_tolerance, (kwargs, float(error))
+        # the coordinates of a sample are independent Gaussians: no correlation between neighbours
         flat = x.reshape(shape[0], -1)
-        corr = torch.corrcoef(flat[:, :2].T)[0, 1]
-        assert abs(float(corr)) < 0.05, kwargs
+        pairs = torch.stack([flat[:, 0::2].flatten(), flat[:, 1::2].flatten()])
+        assert abs(float(torch.corrcoef(pairs)[0, 1])) < 4 / (n / 2) ** 0.5, kwargs
 
 
 def test_wrong_sampler_gets_wrong_answer():
@@ -312,12 +396,38 @@ def test_dpm_solver_first_step_is_ddim():
     torch.testing.assert_close(dpm_solver.step(s, x0, 80, 79, x_t, eta=1.0, noise=noise)[0],
                                s.step(x0, 80, x_t, noise), rtol=1e-4, atol=1e-5)
     assert torch.equal(dpm_solver.step(s, x0, 80, -1, x_t)[0], x0)  # the last step returns x0
-    # with history the step differs: x0 moved by (x0 - x0') / (2 r)
-    last_x0 = x0 + 0.3
-    second = dpm_solver.step(s, x0, 80, 60, x_t, last=(100, last_x0))[0]
-    r = float((s.log_snr[80] - s.log_snr[100]) / (s.log_snr[60] - s.log_snr[80]))
-    torch.testing.assert_close(second, dpm_solver.step(s, x0 + (x0 - last_x0) / (2 * r), 80, 60, x_t)[0])
-    assert not torch.allclose(second, dpm_solver.step(s, x0, 80, 60, x_t)[0])
+
+
+def test_dpm_solver_2m_step_is_lu_et_al_in_their_own_variables():
+    """Lu et al. 2022 (DPM-Solver++, Algorithm 2, and its SDE form), in alpha_t = sqrt(abar_t),
+    sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t), h = lambda_s - lambda_t for a step t -> s
+    whose step before came from t' (h' = lambda_t - lambda_t', r = h' / h):
+      D   = (1 + 1 / (2r)) x0_t - 1 / (2r) x0_t'
+      ODE (eta 0): x_s = (sigma_s / sigma_t) x_t - alpha_s (e^-h - 1) D
+      SDE (eta 1): x_s = (sigma_s / sigma_t) e^-h x_t + alpha_s (1 - e^-2h) D + sigma_s sqrt(1 - e^-2h) z
+    computed here in float64 from the betas alone, never through the code's DDIM step."""
+    T = 200
+    s = NoiseScheduler(T, "quadratic", 1e-4, 0.1, prediction="v", clip_sample=None)
+    abar = np.cumprod(1 - numpy_betas("quadratic", T, 1e-4, 0.1))
+    alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
+    lam = np.log(alpha / sigma)
+    g = torch.Generator().manual_seed(0)
+    x_t, x0, last_x0, z = (torch.randn(100, 2, generator=g) for _ in range(4))
+    X, X0, L, Z = (v.double() for v in (x_t, x0, last_x0, z))
+    for last_t, t, prev_t in ((120, 80, 60), (199, 150, 100), (30, 20, 5), (21, 20, 19)):
+        h, r = lam[prev_t] - lam[t], (lam[t] - lam[last_t]) / (lam[prev_t] - lam[t])
+        D = (1 + 1 / (2 * r)) * X0 - L / (2 * r)
+        ode = sigma[prev_t] / sigma[t] * X - alpha[prev_t] * np.expm1(-h) * D
+        sde = (sigma[prev_t] / sigma[t] * np.exp(-h) * X - alpha[prev_t] * np.expm1(-2 * h) * D
+               + sigma[prev_t] * np.sqrt(-np.expm1(-2 * h)) * Z)
+        got_ode, (kept_t, kept_x0) = dpm_solver.step(s, x0, t, prev_t, x_t, last=(last_t, last_x0))
+        got_sde, _ = dpm_solver.step(s, x0, t, prev_t, x_t, last=(last_t, last_x0), eta=1.0, noise=z)
+        torch.testing.assert_close(got_ode.double(), ode, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got_sde.double(), sde, rtol=1e-4, atol=1e-4)
+        assert kept_t == t and torch.equal(kept_x0, x0)  # the history is the network's own x0, not D
+        # the extrapolation matters: the first-order step (D = x0) lands elsewhere
+        first_order = sigma[prev_t] / sigma[t] * X - alpha[prev_t] * np.expm1(-h) * X0
+        assert float((ode - first_order).abs().max()) > 1e-2
 
 
 @pytest.mark.parametrize("schedule", ddpm.SCHEDULES)
