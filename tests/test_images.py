@@ -16,32 +16,14 @@ import ddpm
 from images import data as image_data
 from images import defaults as image_defaults
 from images import unet
-from conftest import ROOT, SHARED_DATA
-from helpers import parse_config
-
-MNIST_5K = os.path.join(SHARED_DATA, "mnist-5k")
-
-
-def digit_like(n, rng):
-    """n fake 28x28 uint8 'digits': a bright bar whose position is the label, plus noise."""
-    labels = rng.integers(0, 10, n).astype(np.uint8)
-    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
-    for i, label in enumerate(labels):
-        images[i, 4:24, 2 + 2 * label:4 + 2 * label] = 255
-    return images, labels
+from conftest import ROOT
+from helpers import numpy_betas, parse_config, sample_draws, write_fake_mnist
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A data dir with the four IDX .gz files: 200 train and 100 test fake digits."""
-    folder = tmp_path_factory.mktemp("tiny_mnist")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 200), ("test", 100)):
-        images, labels = digit_like(n, rng)
-        image_file, label_file = image_data.IDX_FILES[split]
-        image_data.write_idx(str(folder / image_file), images)
-        image_data.write_idx(str(folder / label_file), labels)
-    return str(folder)
+    return write_fake_mnist(tmp_path_factory.mktemp("tiny_mnist"))
 
 
 def test_idx_round_trip(tmp_path):
@@ -125,9 +107,8 @@ def test_download_checks_md5_and_writes_atomically(tmp_path):
     assert (tmp_path / "out" / "f.gz").read_bytes() == b"some bytes"
 
 
-@pytest.mark.skipif(not os.path.isdir(MNIST_5K), reason="no shared MNIST subset")
-def test_shared_mnist_subset_reads():
-    config = {"dataset": "mnist", "data_dir": MNIST_5K, "dataset_size": 60000, "seed": 0, "class_conditional": True}
+def test_shared_mnist_subset_reads(shared_mnist):
+    config = {"dataset": "mnist", "data_dir": shared_mnist, "dataset_size": 60000, "seed": 0, "class_conditional": True}
     data, labels = datasets.load_training_data(config)
     assert data.shape == (4000, 1, 28, 28) and data.min() == -1 and data.max() == 1
     assert set(labels.tolist()) == set(range(10))
@@ -163,14 +144,31 @@ def test_unet_shapes_and_time_dependence(conditional):
 
 
 def test_scheduler_posterior_on_image_tensors():
-    # an analytic check on [B, 1, 28, 28]: with the true x0 of a point mass, the sampler's
-    # x0-prediction walks back to it exactly (x0-prediction, DDIM eta = 0)
-    scheduler = ddpm.NoiseScheduler(100, "cosine", prediction="x0", clip_sample=1.0)
-    target = torch.linspace(-1, 1, 28 * 28).reshape(1, 1, 28, 28)
-    model = lambda x, t: target.expand_as(x)  # noqa: E731
-    out = ddpm.sample(model, scheduler, (4, 1, 28, 28), sampler="ddim", num_inference_steps=20,
-                      generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(out, target.expand(4, -1, -1, -1), atol=1e-4, rtol=0)
+    # every ancestral step of sample() on [B, 1, 28, 28] is a draw from the posterior of eq. 7 with the
+    # network's x_0, written out here: mean sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0 + sqrt(alpha_t)
+    # (1 - abar_{t-1}) / (1 - abar_t) x_t, variance beta_tilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t,
+    # with x0 clamped to [-1, 1] (clip_sample) and the noise sample() drew
+    T, shape = 100, (4, 1, 28, 28)
+    scheduler = ddpm.NoiseScheduler(T, "cosine", prediction="x0", clip_sample=1.0)
+    betas = numpy_betas("cosine", T, None, None)
+    abar = np.cumprod(1 - betas)
+    pattern = torch.linspace(-1, 1, 28 * 28).reshape(1, 1, 28, 28)
+
+    def model(x, t):  # an x0-predicting network that depends on x_t and t, and overshoots [-1, 1]
+        return 1.5 * torch.tanh(pattern + 0.2 * x) * (1 - 0.5 * t.float() / T)
+
+    trajectory = ddpm.sample(model, scheduler, shape, sampler="ddpm", generator=torch.Generator().manual_seed(0),
+                             trajectory=True).double()
+    x_T, zs = sample_draws(shape, 0, list(range(T - 1, -1, -1)), "ddpm")
+    torch.testing.assert_close(trajectory[0], x_T)
+    for i, t in enumerate(range(T - 1, -1, -1)):
+        x = trajectory[i]
+        x0 = model(x.float(), torch.tensor([t])).double().clamp(-1, 1)
+        ab, ab_prev = abar[t], (abar[t - 1] if t > 0 else 1.0)
+        mean = np.sqrt(ab_prev) * betas[t] / (1 - ab) * x0 + np.sqrt(1 - betas[t]) * (1 - ab_prev) / (1 - ab) * x
+        expected = mean + np.sqrt((1 - ab_prev) / (1 - ab) * betas[t]) * zs[i]
+        torch.testing.assert_close(trajectory[i + 1], expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"t = {t}: {m}")
+    assert float(trajectory[T // 2].std()) > 0.3  # mid-way the noise is a large part of what was checked
 
 
 def test_frechet_distance_and_scorer_see_quality(tiny_dir, tmp_path):
@@ -237,7 +235,8 @@ def test_corrupt_data_exits_2_with_one_line(tmp_path, tiny_dir):
 
 # Every image flag alone on the command line, beside --dataset mnist: it works with the other image
 # defaults (derived ones give way: the frame's steps at most T, ddpm walks every step, the frame at the
-# last epoch), or it is a one-line error that names only flags the user gave.
+# last epoch), or, for the cases listed in IMAGE_FLAG_ERRORS only, it is a one-line error that says why
+# and names only flags the user gave.
 IMAGE_FLAG_VALUES = {
     "dataset_size": ["1", "100"], "num_timesteps": ["1", "20", "100", "149", "5000"],
     "beta_schedule": ["linear", "quadratic", "sigmoid", "cosine"], "beta_start": ["0.5"], "beta_end": ["1e-5"],
@@ -255,18 +254,35 @@ CASES = [[f"--{flag}", value] for flag, values in IMAGE_FLAG_VALUES.items() for 
     ["--guidance_interval", *pair] for pair in (("0", "999"), ("200", "200"), ("5", "2"), ("0", "1000"))]
 
 
+# The cases that must be refused, each with why: everything else in CASES must be accepted.
+IMAGE_FLAG_ERRORS = {
+    ("--num_inference_steps", "1001"): "exceeds",    # more steps than the T = 1000 of images
+    ("--unet_channels", "36"): "--unet_channels 36",  # GroupNorm's 8 groups do not divide 36 ...
+    ("--unet_channels", "2"): "--unet_channels 2",    # ... nor 2
+    ("--guidance_interval", "5", "2"): "LO <= HI",
+    ("--guidance_interval", "0", "1000"): "HI < T",
+}
+
+
+def test_every_listed_image_flag_error_is_a_case():
+    assert set(IMAGE_FLAG_ERRORS) <= {tuple(case) for case in CASES}
+
+
 @pytest.mark.parametrize("flags", CASES + [[s] for s in IMAGE_SWITCHES], ids=lambda f: " ".join(f))
 def test_each_image_flag_alone_works_or_names_only_itself(flags, tiny_dir, capsys):
     argv = ["--dataset", "mnist", "--data_dir", tiny_dir, *flags]
-    try:
-        config, given, _ = parse_config(argv)
-    except SystemExit as e:
-        assert e.code == 2
+    refusal = IMAGE_FLAG_ERRORS.get(tuple(flags))
+    if refusal is not None:
+        with pytest.raises(SystemExit) as exit_info:
+            parse_config(argv)
+        assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("ddpm.py: error:"), err
+        assert flags[0] in err and refusal in err, err
         named = {word.strip("(),:;.'").split("=")[0] for word in err.split() if word.startswith("--")}
         assert named <= {flags[0], "--dataset", "--data_dir"}, err
         return
+    config, given, _ = parse_config(argv)  # a valid flag: refusing it fails here
     flag = flags[0].lstrip("-").replace("no-", "")
     assert flag in given
     steps = config["num_inference_steps"]
