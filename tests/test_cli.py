@@ -40,16 +40,26 @@ def test_tiny_run_writes_every_output(tiny_run):
 
 
 def test_config_rebuilds_the_model(tiny_run):
+    # config.json alone rebuilds the network, the scheduler and the sampler that made the run's frames:
+    # the rebuilt EMA model draws the last frame again, sample for sample (frames use the EMA weights)
+    from engine import frames
     exp, _ = tiny_run
     with open(exp / "config.json") as f:
         config = json.load(f)
-    model = ddpm.build_model(config)
-    model.load_state_dict(torch.load(exp / "model.pth", weights_only=True))
-    ema = ddpm.build_model(config)
+    ema, raw = ddpm.build_model(config), ddpm.build_model(config)
     ema.load_state_dict(torch.load(exp / "model_ema.pth", weights_only=True))
-    # EMA weights are an average, not a copy of the raw weights
-    diffs = [float((a - b).detach().abs().max()) for a, b in zip(model.parameters(), ema.parameters())]
-    assert max(diffs) > 1e-4
+    raw.load_state_dict(torch.load(exp / "model.pth", weights_only=True))
+    scheduler = ddpm.build_scheduler(config)
+    last = np.load(exp / "frames.npy")[-1]
+
+    def last_frame(model):
+        return ddpm.sample(model.eval(), scheduler, last.shape, sampler=config["sampler"],
+                           num_inference_steps=config["num_inference_steps"], eta=config["eta"],
+                           timestep_spacing=config["timestep_spacing"],
+                           generator=frames.frame_generator(config["seed"], len(np.load(exp / "frames.npy")) - 1)).numpy()
+
+    np.testing.assert_allclose(last_frame(ema), last, rtol=0, atol=1e-5)
+    assert np.abs(last_frame(raw) - last).max() > 1e-3  # the raw weights draw another frame
 
 
 def test_same_seed_same_outputs(tmp_path):
@@ -77,30 +87,44 @@ def test_training_learns(tmp_path):
     assert last < 10 * metrics["floor"].iloc[-1]
 
 
+# Each bad command line with what its one-line error must say: the flag at fault (and the value or the reason)
 BAD_FLAGS = [
-    ["--num_epochs", "0"], ["--num_epochs", "-3"], ["--num_epochs", "two"], ["--train_batch_size", "0"],
-    ["--eval_batch_size", "0"], ["--dataset_size", "-1"], ["--num_timesteps", "0"],
-    ["--learning_rate", "0"], ["--learning_rate", "-1e-3"], ["--learning_rate", "nan"],
-    ["--hidden_size", "0"], ["--hidden_layers", "0"], ["--embedding_size", "0"], ["--embedding_size", "7"],
-    ["--save_images_step", "0"], ["--checkpoint_every", "0"], ["--dataset", "dragon"],
-    ["--beta_schedule", "exp"], ["--time_embedding", "fourier"], ["--input_embedding", "zero"],
-    ["--device", "tpu"], ["--beta_start", "0"], ["--beta_end", "1.5"],
-    ["--beta_start", "0.1", "--beta_end", "0.01"], ["--ema_decay", "1"], ["--ema_decay", "-0.1"],
-    ["--prediction", "score"], ["--sampler", "euler"], ["--eta", "-1"], ["--num_inference_steps", "0"],
-    ["--num_inference_steps", "100"], ["--sampler", "ddpm", "--num_inference_steps", "10"],
-    ["--resume", "--overwrite"], ["--no_such_flag"], ["--dataset", "mnist", "--compile", "on"],
-    ["--timestep_spacing", "cubic"], ["--sampler", "dpmpp_2m", "--num_inference_steps", "201"],
+    (["--num_epochs", "0"], "--num_epochs", "positive integer"), (["--num_epochs", "-3"], "--num_epochs", "-3"),
+    (["--num_epochs", "two"], "--num_epochs", "'two'"), (["--train_batch_size", "0"], "--train_batch_size", "got 0"),
+    (["--eval_batch_size", "0"], "--eval_batch_size", "got 0"), (["--dataset_size", "-1"], "--dataset_size", "got -1"),
+    (["--num_timesteps", "0"], "--num_timesteps", "got 0"), (["--learning_rate", "0"], "--learning_rate", "positive"),
+    (["--learning_rate", "-1e-3"], "--learning_rate", "expected one argument"),  # argparse: "-1e-3" reads as a flag
+    (["--learning_rate=-1e-3"], "--learning_rate", "positive number, got -1e-3"),
+    (["--learning_rate", "nan"], "--learning_rate", "finite"),
+    (["--hidden_size", "0"], "--hidden_size", "got 0"), (["--hidden_layers", "0"], "--hidden_layers", "got 0"),
+    (["--embedding_size", "0"], "--embedding_size", "got 0"), (["--embedding_size", "7"], "--embedding_size", "even"),
+    (["--save_images_step", "0"], "--save_images_step", "got 0"),
+    (["--checkpoint_every", "0"], "--checkpoint_every", "got 0"), (["--dataset", "dragon"], "--dataset", "'dragon'"),
+    (["--beta_schedule", "exp"], "--beta_schedule", "'exp'"), (["--time_embedding", "fourier"], "--time_embedding", "'fourier'"),
+    (["--input_embedding", "zero"], "--input_embedding", "'zero'"), (["--device", "tpu"], "--device", "'tpu'"),
+    (["--beta_start", "0"], "--beta_start", "(0, 1)"), (["--beta_end", "1.5"], "--beta_end", "1.5"),
+    (["--beta_start", "0.1", "--beta_end", "0.01"], "--beta_start 0.1 > --beta_end 0.01", ""),
+    (["--ema_decay", "1"], "--ema_decay", "[0, 1)"), (["--ema_decay", "-0.1"], "--ema_decay", "-0.1"),
+    (["--prediction", "score"], "--prediction", "'score'"), (["--sampler", "euler"], "--sampler", "euler"),
+    (["--eta", "-1"], "--eta", "-1"), (["--num_inference_steps", "0"], "--num_inference_steps", "got 0"),
+    (["--num_inference_steps", "100"], "--num_inference_steps", "ddpm"),  # the default sampler walks all T
+    (["--sampler", "ddpm", "--num_inference_steps", "10"], "--num_inference_steps", "ddpm"),
+    (["--resume", "--overwrite"], "--resume and --overwrite", ""), (["--no_such_flag"], "--no_such_flag", ""),
+    (["--dataset", "mnist", "--compile", "on"], "--compile", "image"),
+    (["--timestep_spacing", "cubic"], "--timestep_spacing", "'cubic'"),
+    (["--sampler", "dpmpp_2m", "--num_inference_steps", "201"], "--num_inference_steps 201", "T = 200"),
 ]
 
 
-@pytest.mark.parametrize("flags", BAD_FLAGS, ids=lambda f: " ".join(f))
-def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, flags):
+@pytest.mark.parametrize("flags, flag, reason", BAD_FLAGS, ids=[" ".join(case[0]) for case in BAD_FLAGS])
+def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, flags, flag, reason):
     # in-process for speed; test_bad_flag_from_the_shell runs the real command
     with pytest.raises(SystemExit) as exit_info:
         ddpm.main(["--out_dir", str(tmp_path), "--experiment_name", "bad", *flags])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("ddpm.py: error:"), err
+    assert flag in err and reason in err, err  # it names the flag at fault, and why
     assert not (tmp_path / "bad").exists()  # nothing was created before the check
 
 
@@ -132,7 +156,15 @@ def test_sample_py_reproduces_and_uses_ema(tiny_run, tmp_path):
     samples_a, samples_b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
     assert samples_a.shape == (300, 2)
     assert np.array_equal(samples_a, samples_b)
-    assert not np.allclose(samples_a, np.load(tmp_path / "c.npy"))  # default weights are the EMA ones
+    assert not np.allclose(samples_a, np.load(tmp_path / "c.npy"))  # default weights are the EMA ones ...
+    # ... read from model_ema.pth: with the raw weights put there, the default draws the raw samples
+    import shutil
+    import sample as sample_py
+    swapped = tmp_path / "swapped"
+    shutil.copytree(exp, swapped)
+    shutil.copy(exp / "model.pth", swapped / "model_ema.pth")
+    d = sample_py.main([str(swapped), *map(str, args[1:]), "--output", str(tmp_path / "d.npy")])
+    assert np.array_equal(d, np.load(tmp_path / "c.npy"))
     assert (tmp_path / "a.png").stat().st_size > 0
     again = run_tool("sample.py", *args, "--output", tmp_path / "a.npy")
     assert "exists" in assert_one_line_error(again)

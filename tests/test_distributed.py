@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 import ddpm
-from engine import compiled_step
+from engine import compiled_step, ddp
 from helpers import ROOT, TINY, outputs, train
 
 
@@ -98,6 +98,10 @@ def test_compiled_step_trains_like_the_eager_one(tmp_path):
     for mode in ("on", "off"):
         result = train(tmp_path, mode, *flags, "--compile", mode, timeout=400)
         assert result.returncode == 0, result.stderr[-3000:]
+        said = result.stdout + result.stderr
+        # "on" compiled the step; had compiling failed, the eager fallback would make this compare eager with eager
+        assert ("compiling the training step" in said) == (mode == "on"), said[-3000:]
+        assert "torch.compile failed" not in said, said[-3000:]
     config, loss_compiled, frames = outputs(tmp_path / "on")
     _, loss_eager, _ = outputs(tmp_path / "off")
     assert "compile" not in config  # how to run, not what was trained
@@ -134,3 +138,31 @@ def test_compiled_step_falls_back_when_compiling_fails(monkeypatch):
     assert "no C++ compiler found" in messages[1] and "second line" not in messages[1]
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("n, world_size", [(256, 2), (250, 3), (7, 2), (1000, 4)])
+def test_ranks_take_disjoint_shards_that_cover_the_epoch_and_draw_their_own_noise(n, world_size):
+    # engine/ddp.Processes as each rank of a torchrun launch builds it (its process group is not needed for
+    # these): counted here, the shards of one epoch are disjoint, equally long (every rank takes as many
+    # steps) and together hold all but n mod W examples; the order generator is shared, the noise is not
+    config = {"device": "cpu", "dataset": "moons"}
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    ranks = [ddp.Processes(rank, world_size, config) for rank in range(world_size)]
+    shards = [r.shard(perm).tolist() for r in ranks]
+    assert [len(shard) for shard in shards] == [n // world_size] * world_size
+    together = [i for shard in shards for i in shard]
+    assert len(set(together)) == len(together) == n - n % world_size  # disjoint, and all but n mod W
+    assert set(together) <= set(perm.tolist())
+    assert all(r.shard_size(n) == n // world_size for r in ranks)
+    order = torch.Generator().manual_seed(5)
+    draws = [r.noise_generator(5, order) for r in ranks]
+    noise = [torch.randn(1000, generator=g) for g in draws]
+    for a in range(world_size):
+        assert draws[a] is not order  # under torchrun the noise is the rank's own ...
+        for b in range(a + 1, world_size):
+            assert float(torch.corrcoef(torch.stack([noise[a], noise[b]]))[0, 1]) < 0.15  # ... and independent
+    # again with the same seed: the same noise on each rank (a resumed rank continues its own stream)
+    again = [torch.randn(1000, generator=r.noise_generator(5, order)) for r in ranks]
+    assert all(torch.equal(x, y) for x, y in zip(noise, again))
+    alone = ddp.Processes(0, 1, config)  # one process: one generator for the order and the noise, as before
+    assert alone.noise_generator(5, order) is order and alone.shard(perm).tolist() == perm.tolist()

@@ -84,11 +84,38 @@ def test_config_that_does_not_match_the_checkpoint(tmp_path):
                                                            tmp_path / "s.npy"))
 
 
-def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_with_a_one_line_message_and_writes_no_weights(tmp_path):
+    # from the shell, diverging in the first epoch (no checkpoint yet; the next test has one)
     result = train(tmp_path, "nan", *TINY, "--learning_rate", "1e12", "--num_epochs", "4")
     line = assert_one_line_error(result, status=1)
     assert "step" in line and "learning rate" in line
     assert not (tmp_path / "nan" / "model.pth").exists()  # no weights from a diverged run
+
+
+def test_a_loss_that_turns_non_finite_late_keeps_the_checkpoint_of_the_last_good_epoch(tmp_path, monkeypatch):
+    # in-process: the learning rate jumps to 1e12 at step 16 (the third epoch of 8 steps), after the
+    # checkpoints of epochs 1 and 2 (--checkpoint_every 1). The run stops at the end of epoch 3 with the
+    # one-line message, writes no outputs, and checkpoint.pt is still that of epoch 2: finite, the same
+    # weights as those of the same run stopped there
+    import pytest
+    import torch
+    import ddpm
+    flags = [*TINY, "--checkpoint_every", "1", "--lr_schedule", "constant", "--compile", "off", "--frame_worker", "off"]
+    constant = ddpm.learning_rate_at
+    monkeypatch.setattr(ddpm, "learning_rate_at", lambda step, total, config: 1e12 if step >= 16 else constant(step, total, config))
+    with pytest.raises(SystemExit) as stopped:
+        ddpm.main(["--out_dir", str(tmp_path), "--experiment_name", "late", *flags, "--num_epochs", "4"])
+    message = str(stopped.value.code)
+    assert message.startswith("ddpm.py: error: the loss became non-finite at step") and "(epoch 2)" in message
+    monkeypatch.setattr(ddpm, "learning_rate_at", constant)
+    ddpm.main(["--out_dir", str(tmp_path), "--experiment_name", "two", *flags, "--num_epochs", "2"])
+    kept = torch.load(tmp_path / "late" / "checkpoint.pt", weights_only=True)
+    good = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    assert (kept["epoch"], kept["step"]) == (2, 16)
+    for key, value in good["model"].items():
+        assert torch.isfinite(kept["model"][key]).all()
+        assert torch.equal(kept["model"][key], value), key
+    assert sorted(os.listdir(tmp_path / "late")) == ["checkpoint.pt", "config.json", "images"]  # no outputs
 
 
 def test_unwritable_out_dir_fails_before_training(tmp_path):
