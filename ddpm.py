@@ -13,8 +13,9 @@ Where things live (equation numbers are those of the DDPM paper, arXiv:2006.1123
   diffusion_loss               the loss || eps - eps_theta(x_t, t) ||^2     eq. 14
   train()                      the training loop                             Algorithm 1
 
-Data may have any shape [B, ...]. Everything else has its own room, called from here by one named
-call: extensions/ (DPM-Solver++, spacings, guidance, Min-SNR), images/, engine/ (the run's machinery).
+Data may have any shape [B, ...]. Everything else has its own room, called from here by one named call:
+flow.py and edm.py (--objective), extensions/ (DPM-Solver++, spacings, guidance, Min-SNR, ODE solvers),
+images/, engine/ (the run's machinery).
 """
 import copy
 import functools
@@ -26,8 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import datasets
+import edm
+import flow
 from engine import cli, compiled_step, ddp, experiment
-from extensions import dpm_solver, guidance as guided, min_snr, spacing
+from extensions import dpm_solver, guidance as guided, min_snr, ode, spacing
 from images import defaults as image_defaults
 from positional_embeddings import make_embedding, make_point_embedding
 
@@ -35,7 +38,7 @@ from positional_embeddings import make_embedding, make_point_embedding
 
 SCHEDULES = ("linear", "quadratic", "cosine", "sigmoid")
 PREDICTIONS = ("epsilon", "x0", "v")
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde") + ode.SAMPLERS  # euler, heun: --objective flow, edm
 SPACINGS = ("uniform",) + spacing.SPACINGS
 DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpmpp_2m": "quadratic", "dpmpp_2m_sde": "quadratic"}
 
@@ -65,9 +68,8 @@ def make_betas(schedule, num_timesteps, beta_start, beta_end):
 
 
 class NoiseScheduler:
-    """The variance schedule beta_1..beta_T and everything derived from it. The defaults are
-    those of `python ddpm.py --dataset dino`. Timesteps are 0-based: t = 0 .. T-1 stands for the
-    paper's 1 .. T."""
+    """The variance schedule beta_1..beta_T and everything derived from it, by default that of `python ddpm.py
+    --dataset dino`. Timesteps are 0-based: t = 0 .. T-1 stands for the paper's 1 .. T."""
 
     def __init__(self, num_timesteps=200, beta_schedule="quadratic", beta_start=None, beta_end=None,
                  prediction="epsilon", clip_sample=5.0, device="cpu"):
@@ -95,8 +97,7 @@ class NoiseScheduler:
         self.log_snr = (alphas_cumprod.log() - (1 - alphas_cumprod).log()) / 2              # float64 [T]
 
     @staticmethod
-    def _at(coefficients, t, x):
-        """coefficients[t] shaped [B, 1, 1, ...] to broadcast against x [B, ...]."""
+    def _at(coefficients, t, x):  # coefficients[t] shaped [B, 1, 1, ...] to broadcast against x [B, ...]
         return coefficients[t].reshape(-1, *([1] * (x.dim() - 1)))
 
     # -- forward process -----------------------------------------------------------------
@@ -168,15 +169,6 @@ class NoiseScheduler:
         return spacing.spaced(self.log_snr, n, timestep_spacing)
 
 
-def sampling_error(sampler, num_inference_steps, num_timesteps):
-    """Why a sampler can't take these steps, in one line; None if it can."""
-    if num_inference_steps is not None and num_inference_steps > num_timesteps:
-        return f"--num_inference_steps {num_inference_steps} exceeds the diffusion's T = {num_timesteps} timesteps"
-    if sampler == "ddpm" and num_inference_steps not in (None, num_timesteps):
-        return "the ddpm sampler walks every timestep; use another --sampler for fewer --num_inference_steps"
-    return None
-
-
 def denoise(model, scheduler, x, t, labels=None, precision="fp32"):
     """The network's x_0 and eps at (x_t, t), t an int: one evaluation for the whole batch."""
     t = torch.full((1,), t, device=x.device, dtype=torch.long)  # [1]: the MLP embeds the timestep once
@@ -188,17 +180,15 @@ def denoise(model, scheduler, x, t, labels=None, precision="fp32"):
 @torch.inference_mode()  # no autograd bookkeeping at all: a few % faster than no_grad
 def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None, eta=None, timestep_spacing=None,
            generator=None, device="cpu", labels=None, guidance=None, precision="fp32", trajectory=False):
-    """Algorithm 2: from x_T ~ N(0, I) of `shape` [B, ...] down to x_0, which it returns.
-
-    "ddpm" walks all T steps with the ancestral `step`; "ddim" num_inference_steps with `ddim_step`
-    (eta 0: deterministic); "dpmpp_2m" and "dpmpp_2m_sde" with DPM-Solver++ (extensions/dpm_solver.py).
-    One network evaluation a step, at the timesteps `timestep_spacing` picks (None: DEFAULT_SPACING).
-    labels [B]: a class-conditional model's classes. guidance: an extensions.guidance.Guidance, or None.
-    precision "bf16" runs the network in bfloat16; the update stays in fp32. trajectory: every x_t too.
-    """
-    error = sampling_error(sampler, num_inference_steps, scheduler.num_timesteps)
-    if error:
-        raise ValueError(error)
+    """Algorithm 2: from x_T ~ N(0, I) of `shape` [B, ...] down to x_0, which it returns. "ddpm" walks all
+    T steps with the ancestral `step`; "ddim" num_inference_steps with `ddim_step` (eta 0: deterministic),
+    "dpmpp_2m(_sde)" with DPM-Solver++; one network evaluation a step, at the timesteps `timestep_spacing`
+    picks. labels [B]: a class-conditional model's classes; guidance: an extensions.guidance.Guidance.
+    precision "bf16": the network in bfloat16, the update in fp32. trajectory: every x_t too."""
+    if not isinstance(scheduler, NoiseScheduler):  # flow matching, EDM: their own samplers (flow.py, edm.py)
+        return scheduler.sample(model, shape, sampler=sampler, num_inference_steps=num_inference_steps,
+                                timestep_spacing=timestep_spacing, generator=generator, device=device, labels=labels,
+                                guidance=guidance, precision=precision, trajectory=trajectory)
     x = torch.randn(shape, generator=generator, device=device)                              # x_T ~ N(0, I)
     steps = [x] if trajectory else None
     timesteps = scheduler.inference_timesteps(num_inference_steps, timestep_spacing or DEFAULT_SPACING[sampler])
@@ -236,8 +226,7 @@ class Block(nn.Module):
 
 
 class MLP(nn.Module):
-    """Predicts the noise in 2D points: embed the point and t, concatenate, then an MLP. The
-    defaults are those of `python ddpm.py --dataset dino`."""
+    """The network of 2D runs: embed the point and t, concatenate, then an MLP (defaults: the dino run's)."""
 
     def __init__(self, hidden_size=128, hidden_layers=3, embedding_size=128, num_timesteps=200,
                  time_embedding="sinusoidal", input_embedding="fourier", input_scale=200.0):
@@ -275,7 +264,10 @@ def build_model(config):
 
 
 def build_scheduler(config, device="cpu"):
-    """The NoiseScheduler of a config dict (configs from before --clip_sample: images at 1, points none)."""
+    """The NoiseScheduler of a config dict (configs from before --clip_sample: images at 1, points none),
+    or with --objective flow or edm their formulation (flow.py, edm.py)."""
+    if config.get("objective", "ddpm") != "ddpm":
+        return {"flow": flow.FlowMatching, "edm": edm.EDM}[config["objective"]](config, device)
     clip = config.get("clip_sample", 1.0 if datasets.is_image_dataset(config["dataset"]) else 0.0)
     return NoiseScheduler(config["num_timesteps"], config["beta_schedule"], config.get("beta_start"),
                           config.get("beta_end"), config.get("prediction", "epsilon"), clip or None, device)
@@ -283,13 +275,15 @@ def build_scheduler(config, device="cpu"):
 
 # ---- The loss and one optimizer step -------------------------------------------------------
 
-def sample_timesteps(n, num_timesteps, low_noise_fraction, generator, device="cpu"):
+def sample_timesteps(n, scheduler, low_noise_fraction, generator, device="cpu"):
     """Training timesteps [n]: uniform over 0..T-1 as in Algorithm 1, except a share `low_noise_fraction`
     drawn from the lowest fifth: the 2D samples' sharpness is set at the lowest noise levels, where the
     network must snap a point onto the data, and uniform t spends little time there (docs/defaults.md)."""
-    t = torch.randint(0, num_timesteps, (n,), generator=generator, device=device)
+    if not isinstance(scheduler, NoiseScheduler):  # flow matching's times, EDM's noise levels
+        return scheduler.sample_timesteps(n, generator, device)
+    t = torch.randint(0, scheduler.num_timesteps, (n,), generator=generator, device=device)
     if low_noise_fraction > 0:
-        low = torch.randint(0, math.ceil(num_timesteps / 5), (n,), generator=generator, device=device)
+        low = torch.randint(0, math.ceil(scheduler.num_timesteps / 5), (n,), generator=generator, device=device)
         t = torch.where(torch.rand(n, generator=generator, device=device) < low_noise_fraction, low, t)
     return t
 
@@ -297,6 +291,8 @@ def sample_timesteps(n, num_timesteps, low_noise_fraction, generator, device="cp
 def diffusion_loss(net, x_start, noise, t, labels=None, *, scheduler, precision="fp32", min_snr_gamma=0.0):
     """The loss of Algorithm 1 on a batch: noise it (eq. 4), regress the target (eq. 14). `net`: the model,
     its DistributedDataParallel wrapper, or the model with other weights (engine/compiled_step.py)."""
+    if not isinstance(scheduler, NoiseScheduler):  # flow matching's loss, EDM's (flow.py, edm.py)
+        return scheduler.loss(net, x_start, noise, t, labels, precision)
     x_t = scheduler.add_noise(x_start, noise, t)                     # forward process, eq. 4
     with torch.autocast(x_start.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         prediction = net(x_t, t) if labels is None else net(x_t, t, labels)
@@ -347,7 +343,7 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
     optimizer = torch.optim.AdamW(weights, lr=config["learning_rate"], fused=device.split(":")[0] in ("cpu", "cuda"))
     order_generator = torch.Generator(device).manual_seed(config["seed"])  # the same on every rank
     noise_generator = ranks.noise_generator(config["seed"], order_generator)
-    B, T, num_epochs = config["train_batch_size"], config["num_timesteps"], config["num_epochs"]
+    B, num_epochs = config["train_batch_size"], config["num_epochs"]
     steps_per_epoch = math.ceil(ranks.shard_size(len(data)) / B)
     total_steps = num_epochs * steps_per_epoch
     losses = torch.zeros(total_steps, device=device)  # one per step, read back once an epoch
@@ -371,7 +367,7 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
                 index = shard[batch * B:(batch + 1) * B]
                 x_start = data[index]                                            # x_0 ~ q(x_0)
                 noise = torch.randn(x_start.shape, generator=noise_generator, device=device)  # eps ~ N(0, I)
-                t = sample_timesteps(len(index), T, config.get("low_noise_fraction", 0.0), noise_generator, device)
+                t = sample_timesteps(len(index), scheduler, config.get("low_noise_fraction", 0.0), noise_generator, device)
                 y = guided.drop_labels(labels, index, model, noise_generator)  # classifier-free training
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate_at(step, total_steps, config)
@@ -391,6 +387,8 @@ def build_parser():
     p = cli.ArgumentParser(prog="ddpm.py", description="Train a denoising diffusion model on 2D points or images.")
     add = p.add_argument
     add("--dataset", default="dino", choices=datasets.DATASETS, help="what to learn to draw")
+    add("--objective", default="ddpm", choices=("ddpm", "flow", "edm"), help="the formulation: DDPM (this file), "
+        "flow matching (flow.py) or EDM (edm.py); the same network, optimizer and budget")
     add("--dataset_size", type=cli.positive_int, default=8000, help="training points (2D) or images to use")
     add("--train_batch_size", type=cli.positive_int, default=128, help="examples per optimizer step")
     add("--eval_batch_size", type=cli.positive_int, default=1000, help="samples drawn per frame")
@@ -426,19 +424,19 @@ def build_parser():
         f"(default: {', '.join(f'{k} {v}' for k, v in DEFAULT_SPACING.items())})")
     add("--save_images_step", type=cli.positive_int, default=10, help="sample a frame every N epochs")
     add("--seed", type=int, default=0, help="same seed, same machine: same outputs")
+    flow.add_flags(p)
     experiment.add_flags(p)
     image_defaults.add_flags(p)
     return p
 
 
 def flag_error(config):
-    """Why these flags make no schedule, network or sampler, in one line; None if they do."""
+    """Why these flags make no schedule or network, in one line; None if they do."""
     start, end = default_beta_range(config["num_timesteps"], config["beta_start"], config["beta_end"])
     odd = config["embedding_size"] % 2 and "sinusoidal" in (config["time_embedding"], config["input_embedding"])
     return ((config["beta_schedule"] != "cosine" and start > end and f"--beta_start {start:g} > --beta_end {end:g}")
             or (odd and not datasets.is_image_dataset(config["dataset"])
-                and f"--embedding_size must be even for sinusoidal embeddings, got {config['embedding_size']}")
-            or sampling_error(config["sampler"], config["num_inference_steps"], config["num_timesteps"]))
+                and f"--embedding_size must be even for sinusoidal embeddings, got {config['embedding_size']}"))
 
 
 def main(argv=None):

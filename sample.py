@@ -17,7 +17,7 @@ import torch
 
 import datasets
 import ddpm
-from engine import cli, ddp, frames, metrics
+from engine import cli, ddp, experiment, frames, metrics
 from engine.checkpoints import CheckpointError, atomic_save_npy, load_weights, safe_load
 from engine.plotting import save_samples_png
 from extensions import guidance
@@ -148,7 +148,7 @@ def main(argv=None):
     except CheckpointError as e:
         parser.error(str(e))
     sampler, steps, eta, spacing = sampling_settings(args, config)
-    error = ddpm.sampling_error(sampler, steps, scheduler.num_timesteps)
+    error = experiment.sampling_error(config.get("objective", "ddpm"), sampler, steps, config["num_timesteps"])
     if error:
         parser.error(error)
     conditional = getattr(model, "num_classes", None) is not None

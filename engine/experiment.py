@@ -17,11 +17,17 @@ import torch
 from tqdm.auto import tqdm
 
 import datasets
+import edm
+import flow
 from engine import cli, ddp, frames, plotting
 from engine.checkpoints import Checkpointer, CheckpointError, StopRequest, atomic_save, atomic_save_npy, atomic_write_text
+from extensions import ode
 from images import defaults as image_defaults
 
 RUN_FLAGS = ("resume", "overwrite", "quiet", "device", "frame_worker", "compile")  # how to run, not what to train
+OBJECTIVES = {"flow": flow, "edm": edm}  # besides DDPM: their DEFAULTS for the flags not given
+DDPM_ONLY = ("beta_schedule", "beta_start", "beta_end", "prediction", "low_noise_fraction", "min_snr_gamma", "eta",
+             "timestep_spacing")  # flags that flow matching and EDM do not use
 
 
 def add_flags(parser):
@@ -58,18 +64,44 @@ def parse(parser, argv, core_error):
     flag_error below; the first that fails exits with one line and status 2."""
     config = vars(parser.parse_args(argv))  # first: -h prints the help with the defaults
     given = cli.flags_given(parser, argv)
+    if config["objective"] in OBJECTIVES:  # their sampler, before the image defaults that follow it
+        config.update({k: v for k, v in OBJECTIVES[config["objective"]].DEFAULTS.items() if k not in given})
     config = image_defaults.apply(config, given)
-    error = core_error(config) or image_defaults.flag_error(config) or flag_error(config)
+    error = core_error(config) or image_defaults.flag_error(config) or flag_error(config, given)
     if error:
         parser.error(error)
+    if config["objective"] == "edm" and config.get("sigma_data") is None:
+        config["sigma_data"] = edm.measure_sigma_data(config)  # EDM's preconditioning needs it; config.json keeps it
     return config, given
 
 
-def flag_error(config):
-    """Why this run can't start here (flags that exclude each other, its data, its device, the memory a
-    frame needs), in one line; None if it can."""
+def sampling_error(objective, sampler, num_inference_steps, num_timesteps):
+    """Why a sampler can't take these steps, in one line; None if it can."""
+    if (sampler in ode.SAMPLERS) != (objective != "ddpm"):
+        return (f"--sampler {sampler} is not one of --objective {objective}'s: "
+                + ("euler, heun" if objective != "ddpm" else "ddpm, ddim, dpmpp_2m, dpmpp_2m_sde"))
+    if objective != "ddpm":
+        return None
+    if num_inference_steps is not None and num_inference_steps > num_timesteps:
+        return f"--num_inference_steps {num_inference_steps} exceeds the diffusion's T = {num_timesteps} timesteps"
+    if sampler == "ddpm" and num_inference_steps not in (None, num_timesteps):
+        return "the ddpm sampler walks every timestep; use another --sampler for fewer --num_inference_steps"
+    return None
+
+
+def flag_error(config, given=()):
+    """Why this run can't start here (flags that exclude each other, its sampler, its data, its device, the
+    memory a frame needs), in one line; None if it can."""
     if config["resume"] and config["overwrite"]:
         return "--resume and --overwrite exclude each other"
+    for flag in [f for f in DDPM_ONLY if f in given] if config["objective"] != "ddpm" else []:
+        return f"--{flag} is for --objective ddpm; --objective {config['objective']} does not use it"
+    if "flow_time" in given and config["objective"] != "flow":
+        return "--flow_time is for --objective flow"
+    error = sampling_error(config["objective"], config["sampler"], config["num_inference_steps"],
+                           config["num_timesteps"])
+    if error:
+        return error
     try:
         datasets.check_available(config)
     except datasets.DataError as e:

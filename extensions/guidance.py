@@ -48,6 +48,15 @@ def model_prediction(model, x, t, labels=None, guidance_scale=1.0, guide=None):
     return weak + guidance_scale * (strong - weak), strong
 
 
+def network_output(model, x, time, labels=None, guidance=None, guided=False, precision="fp32"):
+    """The network's output at (x, time), time [1] shared by the batch, guided by `guidance` where
+    `guided`: the velocity of flow.py, the F of edm.py."""
+    scale, guide = (guidance.scale, guidance.guide) if guidance is not None and guided else (1.0, None)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        output, _ = model_prediction(model, x, time, labels, scale, guide)
+    return output.float()
+
+
 def denoise(model, scheduler, x, t, labels, guidance, precision="fp32"):
     """(x_0, eps) at (x_t, t) [B, ...], t an int, guided as `guidance` says: what ddpm.sample's steps use."""
     t_batch = torch.full((1,), t, device=x.device, dtype=torch.long)  # one timestep for the whole batch

@@ -26,6 +26,7 @@ PLAIN_AUTOGUIDANCE = 2.75  # the weight when guided steps move eps too (--no-gui
 GUIDE_FRACTION = 0.22  # autoguidance's guide: the EMA weights after this share of the epochs, 20 of 90 (docs/mnist.md)
 GUIDANCE_INTERVAL = (0.45, 0.86)  # autoguidance at these shares of T only: 450 <= t <= 859 of 1000 (docs/mnist.md)
 AUTOGUIDED_STEPS = 40  # an autoguided frame: 40 DDIM steps, 16 of them guided: 56 network evaluations (docs/mnist.md)
+DDPM_ONLY = ("beta_schedule", "prediction", "min_snr_gamma", "sampler", "num_inference_steps", "eta", "low_noise_fraction")
 
 
 def add_flags(parser):
@@ -67,7 +68,8 @@ def apply(config, given):
     """config with the image defaults for every flag not `given` on the command line."""
     if not datasets.is_image_dataset(config["dataset"]):
         return config
-    config = {**config, **{k: v for k, v in DEFAULTS.items() if k not in given}}
+    ddpm = config.get("objective", "ddpm") == "ddpm"  # flow matching and EDM keep their own sampler and loss
+    config = {**config, **{k: v for k, v in DEFAULTS.items() if k not in given and (ddpm or k not in DDPM_ONLY)}}
     if "num_epochs" not in given:
         n = min(config["dataset_size"], image_data.count_images(config) or config["dataset_size"])
         config["num_epochs"] = max(1, round(IMAGES_SEEN / n))
@@ -77,7 +79,7 @@ def apply(config, given):
     if "guide_x0_only" not in given:
         config["guide_x0_only"] = autoguided and config["sampler"] == "ddim"
     config["autoguidance"] = autoguidance_weight(config["autoguidance"], config["guide_x0_only"], "autoguidance" in given)
-    if "num_inference_steps" not in given:
+    if "num_inference_steps" not in given and ddpm:
         steps = AUTOGUIDED_STEPS if autoguided else config["num_inference_steps"]
         config["num_inference_steps"] = None if config["sampler"] == "ddpm" else min(steps, config["num_timesteps"])
     if autoguided and "guide_epoch" not in given:

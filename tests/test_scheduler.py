@@ -278,14 +278,14 @@ def test_ema_warm_up_is_a_power_average_that_stays_below_0999_in_an_image_run():
 def test_low_noise_fraction_draws_the_documented_timestep_mix():
     T, n = 50, 200_000
     g = torch.Generator().manual_seed(0)
-    uniform = ddpm.sample_timesteps(n, T, 0.0, g)
+    uniform = ddpm.sample_timesteps(n, NoiseScheduler(T), 0.0, g)
     assert uniform.min() == 0 and uniform.max() == T - 1
     assert float(uniform.float().mean()) == pytest.approx((T - 1) / 2, abs=0.1)
     # half from the lowest 10 steps, half uniform over 50: P(t < 10) = 0.5 + 0.5 * 10/50 = 0.6
-    mixed = ddpm.sample_timesteps(n, T, 0.5, g)
+    mixed = ddpm.sample_timesteps(n, NoiseScheduler(T), 0.5, g)
     assert float((mixed < 10).float().mean()) == pytest.approx(0.6, abs=0.005)
     assert float((mixed == 3).float().mean()) == pytest.approx(0.5 / 10 + 0.5 / 50, abs=0.002)
-    assert int(ddpm.sample_timesteps(n, T, 1.0, g).max()) == 9
+    assert int(ddpm.sample_timesteps(n, NoiseScheduler(T), 1.0, g).max()) == 9
 
 
 def test_random_direction_embedding_has_the_sinusoidal_frequencies_along_random_directions():

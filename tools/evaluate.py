@@ -24,17 +24,22 @@ import torch
 from engine import cli
 import datasets
 import ddpm
+from extensions import ode
 from engine import metrics
 from engine.checkpoints import CheckpointError
 from sample import load_experiment
 
-STEPS = (50, 20, 10)
+STEPS = (50, 20, 10)  # network evaluations
 
 
-def settings(sweep=False):
-    """[(sampler, steps, spacing)]: DDPM over all T, then each few-step sampler at STEPS."""
+def settings(sweep=False, objective="ddpm"):
+    """[(sampler, steps, spacing)]: DDPM over all T, then each few-step sampler at STEPS evaluations; flow
+    matching and EDM: Euler at STEPS, Heun at the most steps within them (2 n - 1 evaluations: 49, 19, 9)."""
+    if objective != "ddpm":
+        return [(sampler, steps if sampler == "euler" else (steps + 1) // 2, None)
+                for sampler in ode.SAMPLERS for steps in STEPS]
     rows = [("ddpm", None, "uniform")]
-    for sampler in ddpm.SAMPLERS[1:]:
+    for sampler in ddpm.SAMPLERS[1:4]:
         spacings = ddpm.SPACINGS if sweep else (ddpm.DEFAULT_SPACING[sampler],)
         rows += [(sampler, steps, spacing) for spacing in spacings for steps in STEPS]
     return rows
@@ -47,16 +52,18 @@ def evaluate(experiment_dir, n=1000, num_seeds=5, sweep=False):
     real = datasets.get_dataset(config["dataset"], n, seed=config["seed"] + 40_000)
     real_nn = metrics.nearest_neighbour_distance(real, reference)
     rows = []
-    for sampler, steps, spacing in settings(sweep):
-        if steps is not None and steps > scheduler.num_timesteps:
+    objective = config.get("objective", "ddpm")
+    for sampler, steps, spacing in settings(sweep, objective):
+        if objective == "ddpm" and steps is not None and steps > scheduler.num_timesteps:
             continue
         # one draw of 1,000 samples gives a score anywhere from ~0.7x to ~3x the floor: average seeds
         draws = [ddpm.sample(model, scheduler, (n, 2), sampler=sampler, num_inference_steps=steps,
                              timestep_spacing=spacing, generator=torch.Generator().manual_seed(seed))
                  for seed in range(num_seeds)]
         scores = [scorer(x) for x in draws]
-        row = {"experiment": experiment_dir, "dataset": config["dataset"],
-               "sampler": f"{sampler} {steps or scheduler.num_timesteps} steps" + (f" ({spacing})" if steps else ""),
+        row = {"experiment": experiment_dir, "dataset": config["dataset"], "objective": objective,
+               "sampler": f"{sampler} {steps or scheduler.num_timesteps} steps" + (f" ({spacing})" if spacing else ""),
+               "evaluations": ode.evaluations(sampler, steps) if objective != "ddpm" else steps or scheduler.num_timesteps,
                "score": np.mean([s["score"] for s in scores]), "floor": scores[0]["floor"],
                "sharpness": np.mean([metrics.nearest_neighbour_distance(x, reference) for x in draws]) / real_nn}
         if config["dataset"] == "line":
@@ -76,8 +83,9 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true", help="every timestep spacing, not only each sampler's default")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print("| dataset | sampler | score | floor | score / floor | sharpness | line corners | outside |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| dataset | objective | sampler | network evaluations | score | floor | score / floor | sharpness | "
+          "line corners | outside |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for experiment in args.experiments:
         try:
             rows = evaluate(experiment, args.num_samples, args.num_seeds, args.sweep)
@@ -85,7 +93,8 @@ def main(argv=None):
             parser.error(str(e))
         for r in rows:
             extra = (f"{r['corners_%']:.2f}% | {r['outside_%']:.2f}%" if "corners_%" in r else " | ")
-            print(f"| {r['dataset']} | {r['sampler']} | {r['score']:.5f} | {r['floor']:.5f} | "
+            print(f"| {r['dataset']} | {r['objective']} | {r['sampler']} | {r['evaluations']} | {r['score']:.5f} | "
+                  f"{r['floor']:.5f} | "
                   f"{r['score'] / r['floor']:.2f} | {r['sharpness']:.1f} | {extra} |", flush=True)
 
 
