@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from helpers import ROOT, TINY, assert_one_line_error, outputs, train
+from helpers import ROOT, TINY, assert_one_line_error, outputs, run_tool, train
 
 RUN = ["--dataset", "moons", "--dataset_size", "2000", "--num_epochs", "12", "--eval_batch_size", "100",
        "--checkpoint_every", "3", "--quiet"]
@@ -62,9 +62,30 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
     checkpoint = tmp_path / "exp" / "checkpoint.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # truncated
     line = assert_one_line_error(train(tmp_path, "exp", "--resume", "--num_epochs", "5"), status=1)
-    assert "checkpoint" in line
+    assert "checkpoint.pt is not a PyTorch file: it is truncated or damaged" in line
     checkpoint.write_bytes(b"not a checkpoint at all")
-    assert "checkpoint" in assert_one_line_error(train(tmp_path, "exp", "--resume", "--num_epochs", "5"), 1)
+    assert "checkpoint.pt is not a PyTorch file" in assert_one_line_error(
+        train(tmp_path, "exp", "--resume", "--num_epochs", "5"), 1)
+
+
+def test_damaged_weights_are_refused_in_words(tmp_path):
+    # the loader's own messages ("pop from empty list", "Invalid argument") say nothing to a user
+    import io
+    import torch
+    assert train(tmp_path, "exp", *TINY).returncode == 0
+    weights = tmp_path / "exp" / "model_ema.pth"
+    raw = weights.read_bytes()
+    cases = {"empty": (b"", "is empty (0 bytes)"), "truncated": (raw[:len(raw) // 2], "truncated or damaged"),
+             "a flipped byte": (raw[:100] + bytes([raw[100] ^ 0xFF]) + raw[101:], "fails its checksum")}
+    import argparse
+    buffer = io.BytesIO()
+    torch.save({"weight": argparse.Namespace(code="a class weights_only loading refuses")}, buffer)
+    cases["pickled code"] = (buffer.getvalue(), "loading those could run code")
+    for name, (content, words) in cases.items():
+        weights.write_bytes(content)
+        line = assert_one_line_error(run_tool("sample.py", tmp_path / "exp", "--output", tmp_path / "x.npy",
+                                              "--overwrite"))
+        assert "model_ema.pth" in line and words in line, (name, line)
 
 
 def test_config_that_does_not_match_the_checkpoint(tmp_path):
@@ -136,3 +157,25 @@ def test_not_enough_disk_space_fails_before_training(tmp_path, monkeypatch, caps
     assert exit_info.value.code == 2
     assert "disk space" in capsys.readouterr().err
     assert not (tmp_path / "full" / "loss.npy").exists()
+
+
+def test_a_disk_that_fills_before_the_first_checkpoint_says_there_is_none(tmp_path, monkeypatch, capsys):
+    import errno
+    import pytest
+    import ddpm
+    from engine import checkpoints
+
+    def full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoints, "atomic_save", full)  # every checkpoint.pt write fails
+    with pytest.raises(SystemExit) as exit_info:
+        ddpm.main(["--out_dir", str(tmp_path), "--experiment_name", "full", *TINY, "--checkpoint_every", "1"])
+    message = str(exit_info.value.code)
+    assert "No space left on device" in message and "no checkpoint had been written yet" in message
+    assert "is kept" not in message and not (tmp_path / "full" / "checkpoint.pt").exists()
+
+
+def test_a_frame_too_large_for_memory_is_refused_before_training(tmp_path):
+    line = assert_one_line_error(train(tmp_path, "big", *TINY, "--eval_batch_size", "1000000000"))
+    assert "--eval_batch_size 1000000000" in line and "GiB of memory" in line
+    assert not (tmp_path / "big").exists()

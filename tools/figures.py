@@ -186,9 +186,44 @@ def draw_tradeoff(csv_path, path, real_confident=91.4):
     return means
 
 
+FORMULATION_SAMPLERS = {  # per formulation, at 10 and at 50 network evaluations: its sampler and steps
+    "ddpm": (("dpmpp_2m_sde", 10), ("dpmpp_2m_sde", 50)), "flow": (("euler", 10), ("heun", 25)),
+    "edm": (("euler", 10), ("heun", 25))}
+
+
+def draw_formulations(experiments, path, n=1000):
+    """One row per experiment (DDPM, flow matching, EDM on the same data): its samples at about 10 and 50
+    network evaluations (FORMULATION_SAMPLERS), seed 0, with the score and sharpness of that draw."""
+    import datasets
+    import ddpm
+    from engine import metrics
+    from extensions import ode
+    from sample import load_experiment
+    rows = []
+    for experiment in experiments:
+        model, scheduler, config = load_experiment(experiment)
+        objective = config.get("objective", "ddpm")
+        scorer = metrics.PointScorer(config["dataset"], n, seed=config["seed"])
+        reference = datasets.get_dataset(config["dataset"], 20_000, seed=config["seed"] + 30_000)
+        real_nn = metrics.nearest_neighbour_distance(datasets.get_dataset(config["dataset"], n, seed=config["seed"]
+                                                                          + 40_000), reference)
+        cells, notes = [], []
+        for sampler, steps in FORMULATION_SAMPLERS[objective]:
+            x = ddpm.sample(model, scheduler, (n, 2), sampler=sampler, num_inference_steps=steps,
+                            generator=torch.Generator().manual_seed(0))
+            evaluations = ode.evaluations(sampler, steps) if sampler in ode.SAMPLERS else steps
+            cells.append(x.numpy())
+            notes.append(f"{sampler} {evaluations} evals: {scorer(x)['score'] / scorer.floor:.2f}x, "
+                         f"sharp {metrics.nearest_neighbour_distance(x, reference) / real_nn:.1f}")
+        rows.append({"label": {"ddpm": "DDPM", "flow": "flow", "edm": "EDM"}[objective], "cells": cells, "notes": notes})
+    draw_grid(rows, ["about 10 evaluations", "about 50 evaluations"], path, "one network, three formulations")
+
+
 if __name__ == "__main__":  # python tools/figures.py RUN_DIR COND_RUN_DIR static/mnist.png
     import sys
-    if len(sys.argv) == 4 and sys.argv[1] == "--tradeoff" and sys.argv[3].endswith(".png"):
+    if len(sys.argv) >= 3 and sys.argv[1] == "--formulations" and sys.argv[-1].endswith(".png"):
+        draw_formulations(sys.argv[2:-1], sys.argv[-1])
+    elif len(sys.argv) == 4 and sys.argv[1] == "--tradeoff" and sys.argv[3].endswith(".png"):
         try:
             draw_tradeoff(*sys.argv[2:4])
         except (OSError, ValueError) as e:  # a missing or malformed table: one line, status 2
@@ -200,5 +235,7 @@ if __name__ == "__main__":  # python tools/figures.py RUN_DIR COND_RUN_DIR stati
         print("usage: python tools/figures.py RUN_DIR COND_RUN_DIR OUT.png: the last frame of an unconditional image "
               "run beside the rows 0-9 of a class-conditional one;\n"
               "       python tools/figures.py --tradeoff MEASURED.csv OUT.png: confident share against Frechet / floor "
-              "(docs/mnist_tradeoff.csv)", file=sys.stderr)
+              "(docs/mnist_tradeoff.csv);\n"
+              "       python tools/figures.py --formulations DDPM_RUN FLOW_RUN EDM_RUN OUT.png: 2D samples of each "
+              "formulation at about 10 and 50 network evaluations", file=sys.stderr)
         sys.exit(2)
