@@ -213,8 +213,8 @@ def draw_formulations(experiments, path, n=1000):
                             generator=torch.Generator().manual_seed(0))
             evaluations = ode.evaluations(sampler, steps) if sampler in ode.SAMPLERS else steps
             cells.append(x.numpy())
-            notes.append(f"{sampler} {evaluations} evals: {scorer(x)['score'] / scorer.floor:.2f}x, "
-                         f"sharp {metrics.nearest_neighbour_distance(x, reference) / real_nn:.1f}")
+            notes.append(f"{sampler}, {evaluations} evaluations\nscore {scorer(x)['score'] / scorer.floor:.2f}x floor, "
+                         f"sharpness {metrics.nearest_neighbour_distance(x, reference) / real_nn:.1f}")
         rows.append({"label": {"ddpm": "DDPM", "flow": "flow", "edm": "EDM"}[objective], "cells": cells, "notes": notes})
     draw_grid(rows, ["about 10 evaluations", "about 50 evaluations"], path, "one network, three formulations")
 
