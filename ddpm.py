@@ -76,7 +76,7 @@ class NoiseScheduler:
         beta_start, beta_end = default_beta_range(num_timesteps, beta_start, beta_end)
         self.num_timesteps = num_timesteps
         self.prediction = prediction
-        self.clip_sample = clip_sample  # clamp predicted x0 to [-c, c] when sampling; None: no clamp
+        self.clip_sample = clip_sample or None  # clamp predicted x0 to [-c, c] when sampling; 0 or None: no clamp
 
         betas = make_betas(beta_schedule, num_timesteps, beta_start, beta_end)
         alphas = 1.0 - betas
@@ -200,7 +200,7 @@ def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None,
             x0, eps = denoise(model, scheduler, x, t, labels, precision)
         else:  # classifier-free guidance or autoguidance (extensions/guidance.py)
             x0, eps = guided.denoise(model, scheduler, x, t, labels, guidance, precision)
-        stochastic = t > 0 and sampler != "dpmpp_2m"  # ddpm and ddim draw noise at eta = 0 too, as they always did
+        stochastic = t > 0 and sampler != "dpmpp_2m"  # a draw at every t > 0 whatever eta: one random stream for all eta
         noise = torch.randn(shape, generator=generator, device=device) if stochastic else torch.zeros_like(x)
         if sampler == "ddpm":
             x = scheduler.step(x0, t, x, noise)                                                 # eq. 11
@@ -396,7 +396,7 @@ def build_parser():
     add("--learning_rate", type=cli.positive_float, default=2e-3, help="AdamW learning rate")
     add("--lr_schedule", default="cosine", choices=("constant", "cosine"), help="cosine: decay the learning rate to 0")
     add("--low_noise_fraction", type=cli.closed_unit_interval, default=0.5,
-        help="share of training timesteps drawn from the lowest fifth of the T, the rest uniform (0: all uniform)")
+        help="share of training timesteps drawn from the lowest fifth of T, the rest uniform (0: all uniform)")
     add("--min_snr_gamma", type=cli.nonnegative_float, default=0.0,
         help="weight each timestep's loss by min(SNR, gamma) in x_0 terms (Hang et al. 2023); 0: the simple loss")
     add("--num_timesteps", type=cli.positive_int, default=200, help="T, the length of the diffusion")

@@ -21,7 +21,7 @@ def geometric_frequencies(n: int, endpoint: bool = True) -> torch.Tensor:
 class SinusoidalEmbedding(nn.Module):
     """Transformer-style sin/cos features (Vaswani et al. 2017), as DDPM embeds t.
 
-    For inputs that live in a small range (2D coordinates in [-4, 4]) a `scale`
+    For inputs that live in a small range (2D coordinates within +-4.7) a `scale`
     (the MLP's --input_scale, 200 by default) spreads them over many periods: these are
     Fourier features (Tancik et al. 2020), which let an MLP fit sharp detail it would
     otherwise blur.

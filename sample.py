@@ -27,7 +27,7 @@ from images import defaults as image_defaults
 def build_parser():
     p = cli.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
     p.add_argument("experiment_dir", help="an experiment folder written by ddpm.py, e.g. exps/base")
-    p.add_argument("--num_samples", type=cli.positive_int, default=1000)
+    p.add_argument("--num_samples", type=cli.positive_int, default=1000, help="how many samples to draw")
     p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=None, help="default: the experiment's")
     p.add_argument("--num_inference_steps", type=cli.positive_int, default=None,
                    help="steps of a few-step sampler (default: the experiment's, else all T)")
@@ -35,7 +35,7 @@ def build_parser():
                    "(default: the experiment's, else the sampler's own)")
     p.add_argument("--timestep_spacing", choices=ddpm.SPACINGS, default=None,
                    help="timesteps of a few-step sampler (default: the experiment's, else the sampler's own)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="same seed, same samples")
     p.add_argument("--label", type=int, default=None, help="class to draw (class-conditional models; default: 0-9 in turn)")
     p.add_argument("--guidance_scale", type=cli.nonnegative_float, default=None,
                    help="classifier-free guidance weight of a class-conditional model (default: the experiment's)")
@@ -53,7 +53,8 @@ def build_parser():
                    help="auto: EMA weights where the experiment has them")
     p.add_argument("--batch_size", type=cli.positive_int, default=None,
                    help="samples per call of the sampler (default: as the run's frames: 100 images, all points)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="auto: cuda, then mps, then cpu")
     p.add_argument("--output", default=None, help="a .npy file (default: EXPERIMENT_DIR/samples.npy)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--score", action="store_true",
@@ -126,6 +127,7 @@ def guidance_for(args, config, conditional, sampler, parser, device):
     weight = args.autoguidance if args.autoguidance is not None else config.get("autoguidance", 1.0)
     if weight == 1.0:
         return None
+    # a run that guided eps too has its weight resolved in its config already: remapped only for x_0-only runs
     settings["autoguidance"] = image_defaults.autoguidance_weight(weight, x0_only or not config.get("guide_x0_only"),
                                                                   args.autoguidance is not None)
     try:

@@ -165,9 +165,10 @@ class ImageScorer:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Score image samples (.npy [n, (1,) 28, 28] in [-1, 1]).")
-    p.add_argument("samples")
-    p.add_argument("--dataset", default="mnist", choices=image_data.IMAGE_DATASETS)
-    p.add_argument("--data_dir", default=None)
+    p.add_argument("samples", help="a .npy of images [n, (1,) 28, 28] in [-1, 1]")
+    p.add_argument("--dataset", default="mnist", choices=image_data.IMAGE_DATASETS,
+                   help="whose classifier scores them (default: mnist)")
+    p.add_argument("--data_dir", default=None, help="folder of the IDX .gz files (default: data/DATASET)")
     p.add_argument("--out_dir", default="exps", help="where _classifier/ lives")
     p.add_argument("--labels", default=None, help="the requested label (an int) or a .npy of labels")
     args = p.parse_args(argv)

@@ -34,7 +34,7 @@ def add_flags(parser):
     images.add_argument("--data_dir", default=None,
                         help="folder of the IDX .gz files (default: data/DATASET; downloaded when missing)")
     images.add_argument("--class_conditional", action="store_true", default=None,
-                        help="train with labels (10%% dropped: classifier-free guidance); None = off")
+                        help="train with labels (10%% dropped: classifier-free guidance) (default: off)")
     images.add_argument("--guidance_scale", type=cli.nonnegative_float, default=3.0,
                         help="classifier-free guidance of the frames of a class-conditional run")
     images.add_argument("--autoguidance", type=cli.nonnegative_float, default=1.0,
@@ -54,7 +54,7 @@ def add_flags(parser):
                         help="U-Net width at 28x28 (x2 at 14x14 and 7x7)")
     images.add_argument("--unet_depth", type=cli.positive_int, default=1, help="residual blocks per U-Net level")
     images.add_argument("--unet_attention", action=argparse.BooleanOptionalAction, default=None,
-                        help="self-attention at 7x7; None = on")
+                        help="self-attention at 7x7 (default: on)")
     parser.epilog = ("For image datasets, flags not given take these defaults instead: "
                      + ", ".join(f"--{k} {v}" for k, v in DEFAULTS.items())
                      + f"; --num_epochs: {IMAGES_SEEN:,} training images seen (90 epochs of 4,000); the frame's "

@@ -32,6 +32,7 @@ import datasets
 from engine import ddp
 import ddpm
 from engine import experiment
+from engine.frames import frame_count
 from tools import figures
 from engine import metrics
 from sample import load_experiment
@@ -147,7 +148,7 @@ def estimated_cost(flags):  # longest first keeps both workers busy to the end
     flags = resolved(flags)
     steps = flags["num_epochs"] * flags["dataset_size"] / flags["train_batch_size"]
     width = flags["hidden_size"] ** 2 * flags["hidden_layers"] / 128**2 / 3
-    sampling = flags["num_epochs"] / flags["save_images_step"] * flags["num_timesteps"] * 10
+    sampling = frame_count(flags) * flags["num_timesteps"] * 10
     return steps * (1 + width) + sampling
 
 

@@ -77,7 +77,7 @@ def evaluate(experiment_dir, n=1000, num_seeds=5, sweep=False):
 def main(argv=None):
     parser = cli.ArgumentParser(prog="tools/evaluate.py", description=__doc__.splitlines()[0])
     parser.add_argument("experiments", nargs="+", help="experiment folders of 2D runs")
-    parser.add_argument("--num_samples", type=cli.positive_int, default=1000)
+    parser.add_argument("--num_samples", type=cli.positive_int, default=1000, help="samples per draw")
     parser.add_argument("--num_seeds", type=cli.positive_int, default=5,
                         help="draws of NUM_SAMPLES per sampler; the figures are their means (line: pooled)")
     parser.add_argument("--sweep", action="store_true", help="every timestep spacing, not only each sampler's default")

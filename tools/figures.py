@@ -232,10 +232,11 @@ if __name__ == "__main__":  # python tools/figures.py RUN_DIR COND_RUN_DIR stati
     elif len(sys.argv) == 4 and sys.argv[3].endswith(".png"):
         draw_image_runs(*sys.argv[1:4])
     else:
+        asked = sys.argv[1:] in (["-h"], ["--help"])
         print("usage: python tools/figures.py RUN_DIR COND_RUN_DIR OUT.png: the last frame of an unconditional image "
               "run beside the rows 0-9 of a class-conditional one;\n"
               "       python tools/figures.py --tradeoff MEASURED.csv OUT.png: confident share against Frechet / floor "
               "(docs/mnist_tradeoff.csv);\n"
               "       python tools/figures.py --formulations DDPM_RUN FLOW_RUN EDM_RUN OUT.png: 2D samples of each "
-              "formulation at about 10 and 50 network evaluations", file=sys.stderr)
-        sys.exit(2)
+              "formulation at about 10 and 50 network evaluations", file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 2)
