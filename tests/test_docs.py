@@ -29,3 +29,20 @@ def test_docs_have_no_clock_times_or_paths_outside_the_repository():
         text = read(name)
         assert not re.search(r"\(\d\d:\d\d\)|\b\d\d:\d\d\b (run|column)", text), name
         assert "../shared" not in text and "/work/" not in text, name
+
+
+def test_pages_stay_short_and_every_table_labels_its_columns():
+    # the README at most ~220 lines, each docs page at most ~300; a markdown table starts with a header row
+    # of names (no cell a bare number) followed by its |---| separator
+    pages = ["README.md"] + [os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md")]
+    for name in pages:
+        lines = read(name).splitlines()
+        assert len(lines) <= (220 if name == "README.md" else 300), (name, len(lines))
+        in_code = False
+        for i, line in enumerate(lines):
+            in_code ^= line.startswith("```")
+            starts_table = line.startswith("|") and not in_code and (i == 0 or not lines[i - 1].startswith("|"))
+            if starts_table:
+                header = [cell.strip() for cell in line.strip("|").split("|")]
+                assert i + 1 < len(lines) and re.fullmatch(r"\|?(\s*:?-+:?\s*\|)+\s*:?-*:?\s*", lines[i + 1]), (name, i + 1)
+                assert not any(re.fullmatch(r"[\d.,x%/ -]+", cell) for cell in header if cell), (name, i + 1, header)
