@@ -46,3 +46,23 @@ def test_tradeoff_figure_means_and_bad_table(tmp_path):
     (tmp_path / "bad.csv").write_text("setting,confident\na,90\n")
     line = assert_one_line_error(run_tool("tools/figures.py", "--tradeoff", tmp_path / "bad.csv", tmp_path / "bad.png"))
     assert "frechet_ratio" in line and not (tmp_path / "bad.png").exists()
+
+
+def test_image_formulations_show_each_runs_last_frame_in_order(tmp_path):
+    """figures.py --formulations on image runs: one panel per run, left to right, each its last frame. Run a
+    ends on white digits after a black frame, run b the other way round: the left half must be the bright one."""
+    import json
+    from tools import figures
+    runs = []
+    for name, first, last in (("a", 0.0, 1.0), ("b", 1.0, 0.0)):
+        exp = tmp_path / name
+        exp.mkdir()
+        (exp / "config.json").write_text(json.dumps({"dataset": "mnist", "objective": "flow", "sampler": "heun"}))
+        (exp / "metrics.csv").write_text("frame,score,floor,confident\n0,30,10,0.5\n1,20,10,0.6\n")
+        np.save(exp / "frames.npy", np.stack([np.full((64, 1, 28, 28), first), np.full((64, 1, 28, 28), last)]).astype(np.float32))
+        runs.append(str(exp))
+    figures.draw_formulations(runs, tmp_path / "f.png")
+    gray = read_rgb(tmp_path / "f.png").mean(axis=-1)
+    middle = gray[gray.shape[0] // 4: 3 * gray.shape[0] // 4]
+    left, right = middle[:, : gray.shape[1] // 2].mean(), middle[:, gray.shape[1] // 2:].mean()
+    assert left > right + 60, (left, right)

@@ -191,10 +191,33 @@ FORMULATION_SAMPLERS = {  # per formulation, at 10 and at 50 network evaluations
     "edm": (("euler", 10), ("heun", 25))}
 
 
+def draw_image_formulations(experiments, path, n=8):
+    """Image runs of each formulation side by side: n x n digits of each run's last frame, titled with the
+    frame's measures from its metrics.csv (confident share, Frechet distance / floor)."""
+    import pandas as pd
+    from engine.plotting import image_grid
+    fig, axes = plt.subplots(1, len(experiments), figsize=(3.4 * len(experiments), 3.9), dpi=DPI, squeeze=False)
+    for ax, experiment in zip(axes[0], experiments):
+        config = json.load(open(f"{experiment}/config.json"))
+        last = pd.read_csv(f"{experiment}/metrics.csv").iloc[-1]
+        images = np.load(f"{experiment}/frames.npy")[-1][: n * n, 0]                       # [n*n, 28, 28]
+        ax.imshow(image_grid(images, ncols=n), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        name = {"ddpm": "DDPM", "flow": "flow matching", "edm": "EDM"}[config.get("objective", "ddpm")]
+        ax.set_title(f"{name}, {config['sampler']}\n{100 * last['confident']:.1f}% confident, "
+                     f"Frechet {last['score'] / last['floor']:.2f}x floor", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def draw_formulations(experiments, path, n=1000):
     """One row per experiment (DDPM, flow matching, EDM on the same data): its samples at about 10 and 50
-    network evaluations (FORMULATION_SAMPLERS), seed 0, with the score and sharpness of that draw."""
+    network evaluations (FORMULATION_SAMPLERS), seed 0, with the score and sharpness of that draw; for
+    image runs, their last frames (draw_image_formulations)."""
     import datasets
+    if datasets.is_image_dataset(json.load(open(f"{experiments[0]}/config.json"))["dataset"]):
+        return draw_image_formulations(experiments, path)
     import ddpm
     from engine import metrics
     from extensions import ode
@@ -238,5 +261,5 @@ if __name__ == "__main__":  # python tools/figures.py RUN_DIR COND_RUN_DIR stati
               "       python tools/figures.py --tradeoff MEASURED.csv OUT.png: confident share against Frechet / floor "
               "(docs/mnist_tradeoff.csv);\n"
               "       python tools/figures.py --formulations DDPM_RUN FLOW_RUN EDM_RUN OUT.png: 2D samples of each "
-              "formulation at about 10 and 50 network evaluations", file=sys.stdout if asked else sys.stderr)
+              "formulation at about 10 and 50 network evaluations (image runs: their last frames)", file=sys.stdout if asked else sys.stderr)
         sys.exit(0 if asked else 2)
