@@ -203,7 +203,8 @@ def draw_image_formulations(experiments, path, n=8):
         images = np.load(f"{experiment}/frames.npy")[-1][: n * n, 0]                       # [n*n, 28, 28]
         ax.imshow(image_grid(images, ncols=n), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         name = {"ddpm": "DDPM", "flow": "flow matching", "edm": "EDM"}[config.get("objective", "ddpm")]
-        ax.set_title(f"{name}, {config['sampler']}\n{100 * last['confident']:.1f}% confident, "
+        steps = f", {config['num_inference_steps']} steps" if config.get("num_inference_steps") else ""
+        ax.set_title(f"{name}, {config['sampler']}{steps}\n{100 * last['confident']:.1f}% confident, "
                      f"Frechet {last['score'] / last['floor']:.2f}x floor", fontsize=9)
         ax.axis("off")
     fig.tight_layout()
