@@ -96,6 +96,11 @@ def test_clip_sample_from_the_config():
     assert ddpm.build_scheduler(config).clip_sample is None
     del config["clip_sample"]  # an experiment written before the flag: no clamp for 2D, as it was trained
     assert ddpm.build_scheduler(config).clip_sample is None
+    # the constructor reads 0 as the command line does: no clamp (not a clamp to [0, 0])
+    x_t, output, t = torch.randn(50, 2), 30 * torch.randn(50, 2), torch.full((50,), 190)
+    x0, _ = NoiseScheduler(200, clip_sample=0).predict_x0_and_eps(output, x_t, t)
+    abar = float(np.cumprod(1 - numpy_betas("quadratic", 200, 1e-4, 0.02 * 1000 / 200))[190])
+    torch.testing.assert_close(x0, (x_t - (1 - abar) ** 0.5 * output) / abar**0.5, rtol=1e-4, atol=1e-4)
 
 
 def test_ddim_with_eta_1_is_the_ddpm_step():

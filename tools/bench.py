@@ -200,7 +200,7 @@ def unet_images_per_second(quick, precision="fp32"):
 def main():
     parser = cli.ArgumentParser(prog="tools/bench.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts (a smoke test, not a measurement)")
-    parser.add_argument("--output", default="bench.json")
+    parser.add_argument("--output", default="bench.json", help="where to write the figures as JSON (default: bench.json)")
     parser.add_argument("--skip_end_to_end", action="store_true", help="leave out the two full runs")
     args = parser.parse_args()
     steps = 300 if args.quick else 3000
