@@ -189,6 +189,7 @@ def draw_tradeoff(csv_path, path, real_confident=91.4):
 FORMULATION_SAMPLERS = {  # per formulation, at 10 and at 50 network evaluations: its sampler and steps
     "ddpm": (("dpmpp_2m_sde", 10), ("dpmpp_2m_sde", 50)), "flow": (("euler", 10), ("heun", 25)),
     "edm": (("euler", 10), ("heun", 25))}
+FORMULATION_NAMES = {"ddpm": "DDPM", "flow": "flow matching", "edm": "EDM"}
 
 
 def draw_image_formulations(experiments, path, n=8):
@@ -202,7 +203,7 @@ def draw_image_formulations(experiments, path, n=8):
         last = pd.read_csv(f"{experiment}/metrics.csv").iloc[-1]
         images = np.load(f"{experiment}/frames.npy")[-1][: n * n, 0]                       # [n*n, 28, 28]
         ax.imshow(image_grid(images, ncols=n), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        name = {"ddpm": "DDPM", "flow": "flow matching", "edm": "EDM"}[config.get("objective", "ddpm")]
+        name = FORMULATION_NAMES[config.get("objective", "ddpm")]
         steps = f", {config['num_inference_steps']} steps" if config.get("num_inference_steps") else ""
         ax.set_title(f"{name}, {config['sampler']}{steps}\n{100 * last['confident']:.1f}% confident, "
                      f"Frechet {last['score'] / last['floor']:.2f}x floor", fontsize=9)
@@ -239,7 +240,7 @@ def draw_formulations(experiments, path, n=1000):
             cells.append(x.numpy())
             notes.append(f"{sampler}, {evaluations} evaluations\nscore {scorer(x)['score'] / scorer.floor:.2f}x floor, "
                          f"sharpness {metrics.nearest_neighbour_distance(x, reference) / real_nn:.1f}")
-        rows.append({"label": {"ddpm": "DDPM", "flow": "flow", "edm": "EDM"}[objective], "cells": cells, "notes": notes})
+        rows.append({"label": FORMULATION_NAMES[objective], "cells": cells, "notes": notes})
     draw_grid(rows, ["about 10 evaluations", "about 50 evaluations"], path, "one network, three formulations")
 
 
