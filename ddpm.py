@@ -9,13 +9,15 @@ Where things live (equation numbers are those of the DDPM paper, arXiv:2006.1123
   NoiseScheduler.step          one ancestral reverse step                    eq. 11 (Algorithm 2)
   NoiseScheduler.ddim_step     one DDIM step (Song et al. 2021, eq. 12)
   sample()                     the reverse process from x_T ~ N(0, I)        Algorithm 2
+  few_step_sample()            DDIM's and DPM-Solver++'s fewer steps
   MLP                          the network: Fourier features of the point and t, a residual MLP
   diffusion_loss               the loss || eps - eps_theta(x_t, t) ||^2     eq. 14
+  DDPM                         all of it as a formulation: t, loss, sampler   (formulations/__init__.py)
   train()                      the training loop                             Algorithm 1
 
 Data may have any shape [B, ...]. Everything else has its own room, called from here by one named call:
-flow.py and edm.py (--objective), extensions/ (DPM-Solver++, spacings, guidance, Min-SNR, ODE solvers),
-images/, engine/ (the run's machinery).
+formulations/ (flow matching, EDM: --objective), extensions/ (DPM-Solver++, spacings, guidance, Min-SNR,
+ODE solvers), images/, engine/ (the run's machinery).
 """
 import copy
 import functools
@@ -27,10 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import datasets
-import edm
-import flow
-from engine import cli, compiled_step, ddp, experiment
-from extensions import dpm_solver, guidance as guided, min_snr, ode, spacing
+import formulations
+from engine import cli, compiled_step, ddp, experiment, optim
+from extensions import dpm_solver, guidance as guided, min_snr, spacing
+from formulations import edm, flow
 from images import defaults as image_defaults
 from positional_embeddings import make_embedding, make_point_embedding
 
@@ -38,21 +40,23 @@ from positional_embeddings import make_embedding, make_point_embedding
 
 SCHEDULES = ("linear", "quadratic", "cosine", "sigmoid")
 PREDICTIONS = ("epsilon", "x0", "v")
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde") + ode.SAMPLERS  # euler, heun: --objective flow, edm
+SAMPLERS = ("ddpm",) + dpm_solver.SAMPLERS  # ancestral (Algorithm 2), DDIM, DPM-Solver++(2M) and its SDE form
 SPACINGS = ("uniform",) + spacing.SPACINGS
-DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpmpp_2m": "quadratic", "dpmpp_2m_sde": "quadratic"}
+DEFAULT_SPACING = spacing.DEFAULT  # of each sampler: DDIM's uniform, DPM-Solver++'s quadratic
 
 
 def default_beta_range(num_timesteps, beta_start=None, beta_end=None):
-    """(beta_start, beta_end), the defaults for those None: DDPM's 1e-4 .. 0.02 of T = 1000, the last
-    rescaled by 1000 / T (as Improved DDPM does) so that the forward process ends in noise for any T
-    (T = 50 with 0.02 stops at alpha_bar_T = 0.60, far from the N(0, I) that sampling starts from)."""
+    """(beta_start, beta_end), the defaults for those None: DDPM's 1e-4 .. 0.02 of T = 1000, the last rescaled by
+    1000 / T (as Improved DDPM does) so that the forward process ends in noise for any T (T = 50 with 0.02 stops
+    at alpha_bar_T = 0.60, far from the N(0, I) that sampling starts from)."""
     return (1e-4 if beta_start is None else beta_start,
             min(0.02 * 1000 / num_timesteps, 0.999) if beta_end is None else beta_end)
 
 
 def make_betas(schedule, num_timesteps, beta_start, beta_end):
     T = num_timesteps
+    if schedule != "cosine" and beta_start > beta_end:  # the noise must grow
+        raise ValueError(f"--beta_start {beta_start:g} > --beta_end {beta_end:g}")
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
     if schedule == "quadratic":  # linear in sqrt(beta)
@@ -160,17 +164,14 @@ class NoiseScheduler:
         return alpha_bar_prev.sqrt() * x0 + direction + sigma * noise
 
     def inference_timesteps(self, num_inference_steps=None, timestep_spacing="uniform"):
-        """Descending timesteps to visit: all T, or n of them evenly spaced in t ("uniform"), or
-        spaced to put more of them at low noise (extensions/spacing.py)."""
-        T = self.num_timesteps
-        n = T if num_inference_steps is None else num_inference_steps
-        if timestep_spacing == "uniform" or n >= T:
-            return torch.linspace(T - 1, 0, n, dtype=torch.float64).round().long().tolist()
-        return spacing.spaced(self.log_snr, n, timestep_spacing)
+        """Descending timesteps to visit: all T, or n of them spaced as extensions/spacing.py says."""
+        return spacing.timesteps(self.log_snr, num_inference_steps or self.num_timesteps, timestep_spacing)
 
 
-def denoise(model, scheduler, x, t, labels=None, precision="fp32"):
-    """The network's x_0 and eps at (x_t, t), t an int: one evaluation for the whole batch."""
+def denoise(model, scheduler, x, t, labels=None, guidance=None, precision="fp32"):
+    """The network's x_0 and eps at (x_t, t), t an int: one evaluation for the whole batch (or guided)."""
+    if guidance is not None:
+        return guided.denoise(model, scheduler, x, t, labels, guidance, precision)
     t = torch.full((1,), t, device=x.device, dtype=torch.long)  # [1]: the MLP embeds the timestep once
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         output = model(x, t) if labels is None else model(x, t, labels)
@@ -180,35 +181,43 @@ def denoise(model, scheduler, x, t, labels=None, precision="fp32"):
 @torch.inference_mode()  # no autograd bookkeeping at all: a few % faster than no_grad
 def sample(model, scheduler, shape, *, sampler="ddpm", num_inference_steps=None, eta=None, timestep_spacing=None,
            generator=None, device="cpu", labels=None, guidance=None, precision="fp32", trajectory=False):
-    """Algorithm 2: from x_T ~ N(0, I) of `shape` [B, ...] down to x_0, which it returns. "ddpm" walks all
-    T steps with the ancestral `step`; "ddim" num_inference_steps with `ddim_step` (eta 0: deterministic),
-    "dpmpp_2m(_sde)" with DPM-Solver++; one network evaluation a step, at the timesteps `timestep_spacing`
-    picks. labels [B]: a class-conditional model's classes; guidance: an extensions.guidance.Guidance.
-    precision "bf16": the network in bfloat16, the update in fp32. trajectory: every x_t too."""
-    if not isinstance(scheduler, NoiseScheduler):  # flow matching, EDM: their own samplers (flow.py, edm.py)
-        return scheduler.sample(model, shape, sampler=sampler, num_inference_steps=num_inference_steps,
-                                timestep_spacing=timestep_spacing, generator=generator, device=device, labels=labels,
-                                guidance=guidance, precision=precision, trajectory=trajectory)
+    """Algorithm 2: from x_T ~ N(0, I) of `shape` [B, ...] down to x_0, which it returns (trajectory: every x_t
+    too, [T + 1, B, ...]). The other samplers take few_step_sample's fewer steps. labels [B]: a class-conditional
+    model's classes; guidance: an extensions.guidance.Guidance; precision "bf16": the network in bfloat16."""
+    error = DDPM.sampling_error(sampler, num_inference_steps, scheduler.num_timesteps)
+    if error:
+        raise ValueError(error)
+    if sampler != "ddpm":
+        return few_step_sample(model, scheduler, shape, sampler, num_inference_steps, eta, timestep_spacing,
+                               generator, device, labels, guidance, precision, trajectory)
+    x = torch.randn(shape, generator=generator, device=device)                              # x_T ~ N(0, I)
+    steps = [x] if trajectory else None
+    for t in reversed(range(scheduler.num_timesteps)):                                     # the paper's T .. 1
+        x0, _ = denoise(model, scheduler, x, t, labels, guidance, precision)
+        noise = torch.randn(shape, generator=generator, device=device) if t > 0 else torch.zeros_like(x)  # z
+        x = scheduler.step(x0, t, x, noise)                                                # x_{t-1}, eq. 11
+        if trajectory:
+            steps.append(x)
+    return torch.stack(steps) if trajectory else x
+
+
+def few_step_sample(model, scheduler, shape, sampler, num_inference_steps, eta, timestep_spacing, generator, device,
+                    labels, guidance, precision, trajectory):
+    """DDIM (eq. 12) or DPM-Solver++(2M) (extensions/dpm_solver.py) in num_inference_steps steps, at the
+    timesteps `timestep_spacing` picks: one network evaluation a step; eta 0 is deterministic."""
     x = torch.randn(shape, generator=generator, device=device)                              # x_T ~ N(0, I)
     steps = [x] if trajectory else None
     timesteps = scheduler.inference_timesteps(num_inference_steps, timestep_spacing or DEFAULT_SPACING[sampler])
-    eta = {"ddim": 0.0, "dpmpp_2m_sde": dpm_solver.DEFAULT_ETA}.get(sampler, 0.0) if eta is None else eta
+    eta = dpm_solver.noise_level(sampler, eta)  # ddim 0, dpmpp_2m_sde 0.8 unless given
     last = None  # DPM-Solver++(2M): the step before
-    for i, t in enumerate(timesteps):
-        prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        if guidance is None:
-            x0, eps = denoise(model, scheduler, x, t, labels, precision)
-        else:  # classifier-free guidance or autoguidance (extensions/guidance.py)
-            x0, eps = guided.denoise(model, scheduler, x, t, labels, guidance, precision)
+    for t, prev_t in zip(timesteps, timesteps[1:] + [-1]):
+        x0, eps = denoise(model, scheduler, x, t, labels, guidance, precision)
         stochastic = t > 0 and sampler != "dpmpp_2m"  # a draw at every t > 0 whatever eta: one random stream for all eta
         noise = torch.randn(shape, generator=generator, device=device) if stochastic else torch.zeros_like(x)
-        if sampler == "ddpm":
-            x = scheduler.step(x0, t, x, noise)                                                 # eq. 11
-        elif sampler == "ddim":
-            x = scheduler.ddim_step(x0, eps, t, prev_t, x, eta, noise)                          # DDIM, eq. 12
+        if sampler == "ddim":
+            x = scheduler.ddim_step(x0, eps, t, prev_t, x, eta, noise)                          # eq. 12
         else:
-            x, last = dpm_solver.step(scheduler, x0, t, prev_t, x, last, eta if sampler == "dpmpp_2m_sde" else 0.0,
-                                      noise)
+            x, last = dpm_solver.step(scheduler, x0, t, prev_t, x, last, eta, noise)       # DPM-Solver++
         if trajectory:
             steps.append(x)
     return torch.stack(steps) if trajectory else x
@@ -232,8 +241,7 @@ class MLP(nn.Module):
                  time_embedding="sinusoidal", input_embedding="fourier", input_scale=200.0):
         super().__init__()
         self.time_embedding = make_embedding(time_embedding, embedding_size, max_value=num_timesteps)
-        # Fourier features of the point (Tancik et al. 2020): the largest frequency, input_scale,
-        # sets the finest detail the MLP can draw
+        # Fourier features of the point (Tancik et al. 2020): input_scale, the largest frequency, sets the finest detail
         self.input_embedding = make_point_embedding(input_embedding, embedding_size, input_scale)
         in_size = self.input_embedding.output_size + self.time_embedding.output_size
         layers = [nn.Linear(in_size, hidden_size), nn.GELU()]
@@ -263,36 +271,11 @@ def build_model(config):
                config.get("input_scale", 25.0))  # configs from before --input_scale: 25
 
 
-def build_scheduler(config, device="cpu"):
-    """The NoiseScheduler of a config dict (configs from before --clip_sample: images at 1, points none),
-    or with --objective flow or edm their formulation (flow.py, edm.py)."""
-    if config.get("objective", "ddpm") != "ddpm":
-        return {"flow": flow.FlowMatching, "edm": edm.EDM}[config["objective"]](config, device)
-    clip = config.get("clip_sample", 1.0 if datasets.is_image_dataset(config["dataset"]) else 0.0)
-    return NoiseScheduler(config["num_timesteps"], config["beta_schedule"], config.get("beta_start"),
-                          config.get("beta_end"), config.get("prediction", "epsilon"), clip or None, device)
-
-
 # ---- The loss and one optimizer step -------------------------------------------------------
-
-def sample_timesteps(n, scheduler, low_noise_fraction, generator, device="cpu"):
-    """Training timesteps [n]: uniform over 0..T-1 as in Algorithm 1, except a share `low_noise_fraction`
-    drawn from the lowest fifth: the 2D samples' sharpness is set at the lowest noise levels, where the
-    network must snap a point onto the data, and uniform t spends little time there (docs/defaults.md)."""
-    if not isinstance(scheduler, NoiseScheduler):  # flow matching's times, EDM's noise levels
-        return scheduler.sample_timesteps(n, generator, device)
-    t = torch.randint(0, scheduler.num_timesteps, (n,), generator=generator, device=device)
-    if low_noise_fraction > 0:
-        low = torch.randint(0, math.ceil(scheduler.num_timesteps / 5), (n,), generator=generator, device=device)
-        t = torch.where(torch.rand(n, generator=generator, device=device) < low_noise_fraction, low, t)
-    return t
-
 
 def diffusion_loss(net, x_start, noise, t, labels=None, *, scheduler, precision="fp32", min_snr_gamma=0.0):
     """The loss of Algorithm 1 on a batch: noise it (eq. 4), regress the target (eq. 14). `net`: the model,
     its DistributedDataParallel wrapper, or the model with other weights (engine/compiled_step.py)."""
-    if not isinstance(scheduler, NoiseScheduler):  # flow matching's loss, EDM's (flow.py, edm.py)
-        return scheduler.loss(net, x_start, noise, t, labels, precision)
     x_t = scheduler.add_noise(x_start, noise, t)                     # forward process, eq. 4
     with torch.autocast(x_start.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         prediction = net(x_t, t) if labels is None else net(x_t, t, labels)
@@ -300,6 +283,54 @@ def diffusion_loss(net, x_start, noise, t, labels=None, *, scheduler, precision=
     if min_snr_gamma:  # each timestep's error weighted by min(SNR, gamma) (extensions/min_snr.py)
         return min_snr.weighted_loss(prediction.float(), target, scheduler, t, min_snr_gamma)
     return F.mse_loss(prediction.float(), target)                    # eq. 14, the simple loss
+
+
+class DDPM(NoiseScheduler):
+    """DDPM as a formulation (formulations/__init__.py): the schedule of a config dict with Algorithm 1's training
+    times and loss, Algorithm 2's sampler and the few-step ones. Flow matching and EDM are its peers."""
+    SAMPLERS, SAMPLING_FLAGS = SAMPLERS, ("sampler", "num_inference_steps", "eta", "timestep_spacing")
+    FLAGS = ("beta_schedule", "beta_start", "beta_end", "prediction", "min_snr_gamma", "timestep_spacing")
+    DEFAULTS, PAPER = {}, {"low_noise_fraction": 0.0, "sampler": "ddpm"}  # the parser's; Algorithm 1's uniform t
+
+    prepare = staticmethod(lambda config: config)  # nothing to measure before a run
+
+    def __init__(self, config, device="cpu"):  # configs from before --clip_sample: images at 1, points none
+        clip = config.get("clip_sample", 1.0 if datasets.is_image_dataset(config["dataset"]) else 0.0)
+        super().__init__(config["num_timesteps"], config["beta_schedule"], config.get("beta_start"),
+                         config.get("beta_end"), config.get("prediction", "epsilon"), clip or None, device)
+        self.precision, self.min_snr_gamma = config.get("precision", "fp32"), config.get("min_snr_gamma", 0.0)
+        self.low_noise_fraction = config.get("low_noise_fraction", 0.0)
+
+    @staticmethod
+    def sampling_error(sampler, num_inference_steps, num_timesteps):
+        """Why DDPM can't sample so, in one line; None if it can (the command line asks here too)."""
+        if sampler not in SAMPLERS:
+            return f"--sampler {sampler} is not one of --objective ddpm's: {', '.join(SAMPLERS)}"
+        if num_inference_steps is not None and num_inference_steps > num_timesteps:
+            return f"--num_inference_steps {num_inference_steps} exceeds the diffusion's T = {num_timesteps} timesteps"
+        if sampler == "ddpm" and num_inference_steps not in (None, num_timesteps):
+            return "the ddpm sampler walks every timestep; use another --sampler for fewer --num_inference_steps"
+        return None
+
+    def sample_timesteps(self, n, generator, device="cpu"):
+        """Training timesteps [n]: uniform over 0..T-1 as in Algorithm 1, except a share low_noise_fraction drawn
+        from the lowest fifth: the 2D samples' sharpness is set at the lowest noise levels, where the network
+        must snap a point onto the data, and uniform t spends little time there (docs/defaults.md)."""
+        t = torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
+        if self.low_noise_fraction > 0:
+            low = torch.randint(0, math.ceil(self.num_timesteps / 5), (n,), generator=generator, device=device)
+            t = torch.where(torch.rand(n, generator=generator, device=device) < self.low_noise_fraction, low, t)
+        return t
+
+    def loss(self, net, x_start, noise, t, labels=None):
+        return diffusion_loss(net, x_start, noise, t, labels, scheduler=self, precision=self.precision,
+                              min_snr_gamma=self.min_snr_gamma)
+
+    def sample(self, model, shape, **sampling):
+        return sample(model, self, shape, precision=self.precision, **sampling)
+
+
+FORMULATIONS = {"ddpm": DDPM, "flow": flow.FlowMatching, "edm": edm.EDM}  # --objective: formulations/
 
 
 def training_step(net, loss_function, optimizer, x_start, noise, t, labels=None):
@@ -313,19 +344,6 @@ def training_step(net, loss_function, optimizer, x_start, noise, t, labels=None)
     return loss.detach()
 
 
-def learning_rate_at(step, total_steps, config):
-    """--lr_schedule "constant", or "cosine" from learning_rate to 0 (Loshchilov & Hutter 2017)."""
-    if config.get("lr_schedule", "constant") == "constant":
-        return config["learning_rate"]
-    return config["learning_rate"] * 0.5 * (1 + math.cos(math.pi * step / total_steps))
-
-
-def ema_decay_at(step, decay):
-    """EMA warm-up: the decay (1 + step) / (10 + step) until it reaches `decay`; until then the EMA is a
-    power average, step s's weights counting about s^8 (an image run never reaches 0.999: docs/mnist.md)."""
-    return min(decay, (1 + step) / (10 + step))
-
-
 # ---- Training: Algorithm 1 -----------------------------------------------------------------
 
 def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
@@ -336,7 +354,8 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
     device = ranks.device
     torch.manual_seed(config["seed"])  # model initialisation: the same on every rank
     data, labels = datasets.load_training_data(config, device)          # [N, ...], [N] or None
-    scheduler, model = build_scheduler(config, device), build_model(config).to(device)
+    Formulation = FORMULATIONS[config.get("objective", "ddpm")]  # DDPM (above), flow matching or EDM
+    formulation, model = Formulation(config, device), build_model(config).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False) if config["ema_decay"] > 0 else None
     weights, ema_weights = list(model.parameters()), (list(ema_model.parameters()) if ema_model else None)
     # fused AdamW: one kernel for all parameters instead of a dozen small ops per tensor
@@ -349,13 +368,11 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
     losses = torch.zeros(total_steps, device=device)  # one per step, read back once an epoch
     # the bookkeeping (engine/experiment.py): frames, checkpoints, the progress bar, Ctrl-C
     run = experiment.Run(config, exp_dir, ranks, model, ema_model, optimizer, losses, order_generator,
-                         noise_generator, (build_model, build_scheduler, sample), started, log)
+                         noise_generator, (build_model, Formulation), started, log)
     start_epoch, start_batch, step, perm = run.resume() if resume else (0, 0, 0, None)
-    loss = functools.partial(diffusion_loss, scheduler=scheduler, precision=config["precision"],
-                             min_snr_gamma=config.get("min_snr_gamma", 0.0))  # loss(net, x_start, noise, t, labels)
-    optimizer_step = functools.partial(training_step, ranks.wrap(model), loss, optimizer)
+    optimizer_step = functools.partial(training_step, ranks.wrap(model), formulation.loss, optimizer)  # DDPM: eq. 14
     if compiled_step.wanted(config, device, ranks.distributed, total_steps):  # the same step as one graph
-        optimizer_step = compiled_step.compiled_training_step(model, loss, optimizer, optimizer_step, log)
+        optimizer_step = compiled_step.compiled_training_step(model, formulation.loss, optimizer, optimizer_step, log)
 
     with run.progress(total_steps, step):
         for epoch in range(start_epoch, num_epochs):
@@ -367,13 +384,13 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
                 index = shard[batch * B:(batch + 1) * B]
                 x_start = data[index]                                            # x_0 ~ q(x_0)
                 noise = torch.randn(x_start.shape, generator=noise_generator, device=device)  # eps ~ N(0, I)
-                t = sample_timesteps(len(index), scheduler, config.get("low_noise_fraction", 0.0), noise_generator, device)
+                t = formulation.sample_timesteps(len(index), noise_generator, device)  # t ~ Uniform, mostly
                 y = guided.drop_labels(labels, index, model, noise_generator)  # classifier-free training
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate_at(step, total_steps, config)
+                    group["lr"] = optim.learning_rate_at(step, total_steps, config)
                 losses[step] = optimizer_step(x_start, noise, t, y)   # a gradient step on eq. 14
                 if ema_model is not None:  # ema += (1 - decay) (weights - ema), one fused op
-                    torch._foreach_lerp_(ema_weights, weights, 1 - ema_decay_at(step, config["ema_decay"]))
+                    torch._foreach_lerp_(ema_weights, weights, 1 - optim.ema_decay_at(step, config["ema_decay"]))
                 step += 1
                 run.after_step(epoch, batch + 1, step, perm)  # on Ctrl-C: a checkpoint, then exit
             start_batch, perm = 0, None
@@ -387,16 +404,15 @@ def build_parser():
     p = cli.ArgumentParser(prog="ddpm.py", description="Train a denoising diffusion model on 2D points or images.")
     add = p.add_argument
     add("--dataset", default="dino", choices=datasets.DATASETS, help="what to learn to draw")
-    add("--objective", default="ddpm", choices=("ddpm", "flow", "edm"), help="the formulation: DDPM (this file), "
-        "flow matching (flow.py) or EDM (edm.py); the same network, optimizer and budget")
+    add("--objective", default="ddpm", choices=FORMULATIONS, help="DDPM (this file), flow matching or EDM (formulations/)")
     add("--dataset_size", type=cli.positive_int, default=8000, help="training points (2D) or images to use")
     add("--train_batch_size", type=cli.positive_int, default=128, help="examples per optimizer step")
     add("--eval_batch_size", type=cli.positive_int, default=1000, help="samples drawn per frame")
     add("--num_epochs", type=cli.positive_int, default=250, help="passes over the training data")
     add("--learning_rate", type=cli.positive_float, default=2e-3, help="AdamW learning rate")
     add("--lr_schedule", default="cosine", choices=("constant", "cosine"), help="cosine: decay the learning rate to 0")
-    add("--low_noise_fraction", type=cli.closed_unit_interval, default=0.5,
-        help="share of training timesteps drawn from the lowest fifth of T, the rest uniform (0: all uniform)")
+    add("--low_noise_fraction", type=cli.closed_unit_interval, default=0.5, help="share of training times drawn "
+        "from the lowest fifth of the noise levels, each formulation in its own time (0: none)")
     add("--min_snr_gamma", type=cli.nonnegative_float, default=0.0,
         help="weight each timestep's loss by min(SNR, gamma) in x_0 terms (Hang et al. 2023); 0: the simple loss")
     add("--num_timesteps", type=cli.positive_int, default=200, help="T, the length of the diffusion")
@@ -416,32 +432,17 @@ def build_parser():
     add("--ema_decay", type=cli.ema_range, default=0.995, help="EMA of the weights for frames and sampling; 0: off")
     add("--clip_sample", type=cli.nonnegative_float, default=5.0,
         help="clamp the predicted x_0 to [-c, c] when sampling (every 2D dataset lies within 4.7); 0: no clamp")
-    add("--sampler", default="ddpm", choices=SAMPLERS, help="the frames' sampler: ddpm walks all T steps")
-    add("--num_inference_steps", type=cli.positive_int, default=None, help="steps of the other samplers (default: T)")
-    add("--eta", type=cli.nonnegative_float, default=None, help="noise of ddim and dpmpp_2m_sde: 0 none, 1 "
-        f"DDPM's (default: ddim 0, dpmpp_2m_sde {dpm_solver.DEFAULT_ETA:g})")
-    add("--timestep_spacing", default=None, choices=SPACINGS, help="the timesteps a few-step sampler visits "
-        f"(default: {', '.join(f'{k} {v}' for k, v in DEFAULT_SPACING.items())})")
     add("--save_images_step", type=cli.positive_int, default=10, help="sample a frame every N epochs")
     add("--seed", type=int, default=0, help="same seed, same machine: same outputs")
-    flow.add_flags(p)
+    formulations.add_flags(p, FORMULATIONS, SPACINGS, DEFAULT_SPACING)  # the samplers', flow's and EDM's
     experiment.add_flags(p)
     image_defaults.add_flags(p)
     return p
 
 
-def flag_error(config):
-    """Why these flags make no schedule or network, in one line; None if they do."""
-    start, end = default_beta_range(config["num_timesteps"], config["beta_start"], config["beta_end"])
-    odd = config["embedding_size"] % 2 and "sinusoidal" in (config["time_embedding"], config["input_embedding"])
-    return ((config["beta_schedule"] != "cosine" and start > end and f"--beta_start {start:g} > --beta_end {end:g}")
-            or (odd and not datasets.is_image_dataset(config["dataset"])
-                and f"--embedding_size must be even for sinusoidal embeddings, got {config['embedding_size']}"))
-
-
 def main(argv=None):
     parser = build_parser()
-    config, given = experiment.parse(parser, argv, flag_error)  # + the image defaults; bad flags exit 2
+    config, given = experiment.parse(parser, argv, FORMULATIONS)  # + their defaults; bad flags exit 2
     return experiment.launch(config, parser, given, train)      # the device, torchrun, the folder; then train()
 
 

@@ -17,7 +17,7 @@ import torch
 
 import datasets
 import ddpm
-from engine import cli, ddp, experiment, frames, metrics
+from engine import cli, ddp, frames, metrics
 from engine.checkpoints import CheckpointError, atomic_save_npy, load_weights, safe_load
 from engine.plotting import save_samples_png
 from extensions import guidance
@@ -28,13 +28,17 @@ def build_parser():
     p = cli.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
     p.add_argument("experiment_dir", help="an experiment folder written by ddpm.py, e.g. exps/base")
     p.add_argument("--num_samples", type=cli.positive_int, default=1000, help="how many samples to draw")
-    p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=None, help="default: the experiment's")
+    samplers = list(dict.fromkeys(s for f in ddpm.FORMULATIONS.values() for s in f.SAMPLERS))
+    p.add_argument("--sampler", choices=samplers, default=None, help="default: the experiment's (each formulation "
+                   "has its own: " + "; ".join(f"{k} {', '.join(f.SAMPLERS)}" for k, f in ddpm.FORMULATIONS.items()) + ")")
     p.add_argument("--num_inference_steps", type=cli.positive_int, default=None,
                    help="steps of a few-step sampler (default: the experiment's, else all T)")
     p.add_argument("--eta", type=cli.nonnegative_float, default=None, help="noise of ddim / dpmpp_2m_sde "
                    "(default: the experiment's, else the sampler's own)")
     p.add_argument("--timestep_spacing", choices=ddpm.SPACINGS, default=None,
-                   help="timesteps of a few-step sampler (default: the experiment's, else the sampler's own)")
+                   help="DDPM: timesteps of a few-step sampler (default: the experiment's, else the sampler's own)")
+    p.add_argument("--s_churn", type=cli.nonnegative_float, default=None,
+                   help="EDM, euler and heun: noise added before each step (default: the experiment's)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same samples")
     p.add_argument("--label", type=int, default=None, help="class to draw (class-conditional models; default: 0-9 in turn)")
     p.add_argument("--guidance_scale", type=cli.nonnegative_float, default=None,
@@ -63,13 +67,13 @@ def build_parser():
 
 
 def load_experiment(experiment_dir, weights="auto", device="cpu"):
-    """(model, scheduler, config) of a finished or interrupted experiment."""
+    """(model, formulation, config) of a finished or interrupted experiment."""
     config_path = os.path.join(experiment_dir, "config.json")
     try:
         with open(config_path) as f:
             config = json.load(f)
         model = ddpm.build_model(config)
-        scheduler = ddpm.build_scheduler(config, device)
+        formulation = ddpm.FORMULATIONS[config.get("objective", "ddpm")](config, device)
     except FileNotFoundError:
         raise CheckpointError(f"{config_path}: no such file (is {experiment_dir} an experiment folder?)")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -80,7 +84,7 @@ def load_experiment(experiment_dir, weights="auto", device="cpu"):
         raise CheckpointError(f"{experiment_dir} has no EMA weights (model_ema.pth)")
     path = ema_path if weights != "raw" and os.path.exists(ema_path) else raw_path
     load_weights(model, safe_load(path), path)
-    return model.to(device).eval(), scheduler, config
+    return model.to(device).eval(), formulation, config
 
 
 def load_guide(experiment_dir, config, device="cpu"):
@@ -93,16 +97,20 @@ def load_guide(experiment_dir, config, device="cpu"):
     return guide.to(device).eval()
 
 
-def sampling_settings(args, config):
-    """(sampler, steps, eta, spacing): what the command line says, else the experiment's own where the
-    sampler is the experiment's, else the sampler's defaults."""
-    sampler = args.sampler or config.get("sampler", "ddpm")
+def sampling_settings(args, config, formulation, parser):
+    """The keywords of formulation.sample: what the command line says, else the experiment's own where the
+    sampler is the experiment's, else the sampler's defaults. A flag the formulation does not take is refused."""
+    sampler = args.sampler or config.get("sampler", formulation.SAMPLERS[0])
     same = args.sampler in (None, config.get("sampler"))
-    steps = args.num_inference_steps if args.num_inference_steps is not None else (
-        config.get("num_inference_steps") if same else None)
-    eta = args.eta if args.eta is not None else (config.get("eta") if same else None)
-    spacing = args.timestep_spacing or (config.get("timestep_spacing") if same else None)
-    return sampler, steps, eta, spacing
+    settings = {"sampler": sampler}
+    for key in ("num_inference_steps", "eta", "timestep_spacing", "s_churn"):
+        given = getattr(args, key)
+        if key not in formulation.SAMPLING_FLAGS:
+            if given is not None:
+                parser.error(f"--{key} is not for --objective {config.get('objective', 'ddpm')}'s samplers")
+            continue
+        settings[key] = given if given is not None else (config.get(key) if same else None)
+    return settings
 
 
 def guidance_for(args, config, conditional, sampler, parser, device):
@@ -146,11 +154,12 @@ def main(argv=None):
         parser.error(f"{output} exists; pass --overwrite to replace it")
     device = ddp.pick_device(args.device)
     try:
-        model, scheduler, config = load_experiment(args.experiment_dir, args.weights, device)
+        model, formulation, config = load_experiment(args.experiment_dir, args.weights, device)
     except CheckpointError as e:
         parser.error(str(e))
-    sampler, steps, eta, spacing = sampling_settings(args, config)
-    error = experiment.sampling_error(config.get("objective", "ddpm"), sampler, steps, config["num_timesteps"])
+    sampling = sampling_settings(args, config, formulation, parser)
+    sampler, steps = sampling["sampler"], sampling["num_inference_steps"]
+    error = formulation.sampling_error(sampler, steps, config["num_timesteps"])
     if error:
         parser.error(error)
     conditional = getattr(model, "num_classes", None) is not None
@@ -162,14 +171,13 @@ def main(argv=None):
 
     tic = time.time()
     chunk = args.batch_size or frames.chunk_size({**config, "eval_batch_size": args.num_samples})
-    samples = frames.draw(ddpm.sample, model, scheduler, args.num_samples, datasets.sample_shape(config), chunk,
-                          torch.Generator(device).manual_seed(args.seed), device, args.label, sampler=sampler,
-                          num_inference_steps=steps, eta=eta, timestep_spacing=spacing, guidance=guided,
-                          precision=config.get("precision", "fp32")).numpy()
+    samples = frames.draw(formulation, model, args.num_samples, datasets.sample_shape(config), chunk,
+                          torch.Generator(device).manual_seed(args.seed), device, args.label, guidance=guided,
+                          **sampling).numpy()
     seconds = time.time() - tic
     atomic_save_npy(output, samples)
     png = output[:-4] + ".png"
-    steps_text = f"{steps or scheduler.num_timesteps} steps"
+    steps_text = f"{steps or formulation.DEFAULTS.get('num_inference_steps') or config['num_timesteps']} steps"
     save_samples_png(samples, png, f"{config['dataset']}: {sampler}, {steps_text}")
     print(f"wrote {len(samples)} samples to {output} and {png} ({sampler}, {steps_text}, {seconds:.1f} s)")
     if args.score:

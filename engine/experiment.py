@@ -17,17 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 import datasets
-import edm
-import flow
 from engine import cli, ddp, frames, plotting
 from engine.checkpoints import Checkpointer, CheckpointError, StopRequest, atomic_save, atomic_save_npy, atomic_write_text
-from extensions import ode
 from images import defaults as image_defaults
 
 RUN_FLAGS = ("resume", "overwrite", "quiet", "device", "frame_worker", "compile")  # how to run, not what to train
-OBJECTIVES = {"flow": flow, "edm": edm}  # besides DDPM: their DEFAULTS for the flags not given
-DDPM_ONLY = ("beta_schedule", "beta_start", "beta_end", "prediction", "low_noise_fraction", "min_snr_gamma", "eta",
-             "timestep_spacing")  # flags that flow matching and EDM do not use
 
 
 def add_flags(parser):
@@ -58,50 +52,43 @@ class NonFiniteLoss(RuntimeError):
                          "Nothing after the last good checkpoint was written.")
 
 
-def parse(parser, argv, core_error):
-    """(config, the flags given on the command line): the flags, the image defaults for those not given
-    (images/defaults.py), checked before any work: core_error(config) (ddpm.flag_error), the image flags,
-    flag_error below; the first that fails exits with one line and status 2."""
+def parse(parser, argv, formulations):
+    """(config, the flags given on the command line): the flags, the formulation's defaults (or its paper's,
+    --paper_settings) and the image defaults (images/defaults.py) for those not given, checked before any work:
+    the image flags, flag_error below, the formulation's own check and what it measures (its `prepare`); the
+    first that fails exits with one line and status 2. formulations: ddpm.FORMULATIONS, --objective -> class."""
     config = vars(parser.parse_args(argv))  # first: -h prints the help with the defaults
     given = cli.flags_given(parser, argv)
-    if config["objective"] in OBJECTIVES:  # their sampler, before the image defaults that follow it
-        config.update({k: v for k, v in OBJECTIVES[config["objective"]].DEFAULTS.items() if k not in given})
+    formulation = formulations[config["objective"]]
+    own = formulation.PAPER if config.get("paper_settings") else formulation.DEFAULTS
+    config.update({k: v for k, v in own.items() if k not in given})  # before the image defaults that follow them
     config = image_defaults.apply(config, given)
-    error = core_error(config) or image_defaults.flag_error(config) or flag_error(config, given)
+    error = image_defaults.flag_error(config) or flag_error(config, given, formulations)
     if error:
         parser.error(error)
-    if config["objective"] == "edm" and config.get("sigma_data") is None:
-        config["sigma_data"] = edm.measure_sigma_data(config)  # EDM's preconditioning needs it; config.json keeps it
+    try:
+        config = formulation.prepare(config)  # EDM measures sigma_data; config.json keeps it
+        formulation(config)  # built once: a schedule that can't be made is a ValueError
+    except (ValueError, datasets.DataError) as e:
+        parser.error(str(e))
     return config, given
 
 
-def sampling_error(objective, sampler, num_inference_steps, num_timesteps):
-    """Why a sampler can't take these steps, in one line; None if it can."""
-    if (sampler in ode.SAMPLERS) != (objective != "ddpm"):
-        return (f"--sampler {sampler} is not one of --objective {objective}'s: "
-                + ("euler, heun" if objective != "ddpm" else "ddpm, ddim, dpmpp_2m, dpmpp_2m_sde"))
-    if objective != "ddpm":
-        return None
-    if num_inference_steps is not None and num_inference_steps > num_timesteps:
-        return f"--num_inference_steps {num_inference_steps} exceeds the diffusion's T = {num_timesteps} timesteps"
-    if sampler == "ddpm" and num_inference_steps not in (None, num_timesteps):
-        return "the ddpm sampler walks every timestep; use another --sampler for fewer --num_inference_steps"
-    return None
-
-
-def flag_error(config, given=()):
-    """Why this run can't start here (flags that exclude each other, its sampler, its data, its device, the
-    memory a frame needs), in one line; None if it can."""
+def flag_error(config, given=(), formulations=None):
+    """Why this run can't start here (flags that exclude each other, a flag of another formulation, its
+    sampler, the MLP's embedding, its data, its device, the memory a frame needs), in one line; None if it can."""
     if config["resume"] and config["overwrite"]:
         return "--resume and --overwrite exclude each other"
-    for flag in [f for f in DDPM_ONLY if f in given] if config["objective"] != "ddpm" else []:
-        return f"--{flag} is for --objective ddpm; --objective {config['objective']} does not use it"
-    if "flow_time" in given and config["objective"] != "flow":
-        return "--flow_time is for --objective flow"
-    error = sampling_error(config["objective"], config["sampler"], config["num_inference_steps"],
-                           config["num_timesteps"])
+    formulation = formulations[config["objective"]]
+    for name, other in formulations.items():
+        for flag in [f for f in other.FLAGS if f in given and f not in formulation.FLAGS]:
+            return f"--{flag} is for --objective {name}; --objective {config['objective']} does not use it"
+    error = formulation.sampling_error(config["sampler"], config["num_inference_steps"], config["num_timesteps"])
     if error:
         return error
+    odd = config["embedding_size"] % 2 and "sinusoidal" in (config["time_embedding"], config["input_embedding"])
+    if odd and not datasets.is_image_dataset(config["dataset"]):
+        return f"--embedding_size must be even for sinusoidal embeddings, got {config['embedding_size']}"
     try:
         datasets.check_available(config)
     except datasets.DataError as e:
@@ -217,7 +204,7 @@ class Run:
 
     def __init__(self, config, exp_dir, ranks, model, ema_model, optimizer, losses, order_generator,
                  noise_generator, core, started, log):
-        """core: (build_model, build_scheduler, sample) of ddpm.py, for the frames."""
+        """core: (build_model, the formulation's class) of ddpm.py, for the frames."""
         self.config, self.exp_dir, self.ranks, self.log = config, exp_dir, ranks, log
         self.model, self.ema_model, self.losses = model, ema_model, losses
         self.sampled_model = ema_model if ema_model is not None else model  # the weights frames and the guide use

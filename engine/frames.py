@@ -5,8 +5,8 @@ the frames of a 2D run are made in one worker process while training goes on: tr
 (one thread) cannot use a second core, but sampling 1,000 points x 200 steps per frame can
 (docs/speed.md). `draw` is the sampling loop that sample.py uses too. Each frame's noise comes from its own generator, seeded
 by (seed, frame index), so a frame is the same whichever process makes it and whenever
-(after a resume too). ddpm.train hands over its build_model, build_scheduler and sample
-functions (by reference: they reach the worker by name, not as code).
+(after a resume too). ddpm.train hands over its build_model function and its formulation's class (by reference: they
+reach the worker by name, not as code).
 """
 import concurrent.futures
 import multiprocessing
@@ -66,10 +66,15 @@ def guidance(config, guide_model=None):
     return Guidance(scale, guide_model, tuple(interval) if interval else None, config.get("guide_x0_only", False))
 
 
-def draw(sample, model, scheduler, n, shape, chunk, generator, device, label=None, **sampling):
+def sampling_options(formulation, config):
+    """The keywords of formulation.sample that a config dict sets (its SAMPLING_FLAGS: sampler, steps, ...)."""
+    return {k: config.get(k) for k in formulation.SAMPLING_FLAGS}
+
+
+def draw(formulation, model, n, shape, chunk, generator, device, label=None, **sampling):
     """n samples [n, *shape] on the CPU, `chunk` at a time, one generator running through them all. A
-    class-conditional model draws `label`, or the labels 0, 1, ..., 9, 0, 1, ... in turn. sample is
-    ddpm.sample; `sampling` its keywords (sampler, num_inference_steps, eta, guidance, ...)."""
+    class-conditional model draws `label`, or the labels 0, 1, ..., 9, 0, 1, ... in turn. `sampling`: the
+    keywords of formulation.sample (sampler, num_inference_steps, ..., guidance)."""
     classes, chunks = getattr(model, "num_classes", None), []
     for start in range(0, n, chunk):
         size = min(chunk, n - start)
@@ -77,8 +82,8 @@ def draw(sample, model, scheduler, n, shape, chunk, generator, device, label=Non
         if classes:
             labels = (torch.full((size,), label, device=device) if label is not None
                       else torch.arange(start, start + size, device=device) % classes)
-        chunks.append(sample(model, scheduler, (size, *shape), generator=generator, device=device, labels=labels,
-                             **sampling).cpu())
+        chunks.append(formulation.sample(model, (size, *shape), generator=generator, device=device, labels=labels,
+                                         **sampling).cpu())
     return torch.cat(chunks)
 
 
@@ -97,11 +102,11 @@ class FrameMaker:
     """Makes frames from a snapshot of the weights: samples, scores them, draws the PNG."""
 
     def __init__(self, config, exp_dir, device, core):
-        build_model, build_scheduler, self.sample = core
+        build_model, Formulation = core
         self.config, self.device = config, device
         self.model = build_model(config).to(device).eval()
         self.guide_model = build_model(config).to(device).eval() if config.get("guide_epoch") else None
-        self.scheduler = build_scheduler(config, device)
+        self.formulation = Formulation(config, device)
         self.scorer = metrics.make_scorer(config)
         self.shape = (config["eval_batch_size"], *datasets.sample_shape(config))
         self.images = os.path.join(exp_dir, "images")
@@ -114,11 +119,10 @@ class FrameMaker:
         if guide_state is not None:  # autoguidance: away from the weights of --guide_epoch
             self.guide_model.load_state_dict(guide_state)
         config, n = self.config, self.shape[0]
-        x = draw(self.sample, self.model, self.scheduler, n, self.shape[1:], chunk_size(config),
+        x = draw(self.formulation, self.model, n, self.shape[1:], chunk_size(config),
                  frame_generator(config["seed"], frame_index, self.device), self.device,
-                 sampler=config["sampler"], num_inference_steps=config["num_inference_steps"], eta=config["eta"],
-                 timestep_spacing=config.get("timestep_spacing"), precision=config.get("precision", "fp32"),
-                 guidance=guidance(config, self.guide_model if guide_state is not None else None))
+                 guidance=guidance(config, self.guide_model if guide_state is not None else None),
+                 **sampling_options(self.formulation, config))
         # class-conditional: the score also says how often the classifier agrees with the requested label
         classes = getattr(self.model, "num_classes", None)
         score = self.scorer(x, torch.arange(n) % classes) if classes else self.scorer(x)
@@ -151,7 +155,7 @@ class Frames:
     finished frames and their rows of metrics.csv in order."""
 
     def __init__(self, config, exp_dir, device, core):
-        """core: (build_model, build_scheduler, sample) of ddpm.py."""
+        """core: (build_model, the formulation's class) of ddpm.py."""
         self.rows = {}  # frame index -> its row of metrics.csv (the score added once it is made)
         self.done = {}  # frame index -> (samples, score)
         self.unmade = {}  # frame index -> (epoch, weights, guide weights) of a frame submitted but not made yet

@@ -13,6 +13,16 @@ import math
 import torch
 
 SPACINGS = ("quadratic", "logsnr", "karras")
+DEFAULT = {"ddpm": "uniform", "ddim": "uniform", "dpmpp_2m": "quadratic", "dpmpp_2m_sde": "quadratic"}  # docs/samplers.md
+
+
+def timesteps(log_snr, n, spacing="uniform"):
+    """n descending timesteps from T-1 to 0: evenly spaced in t ("uniform", DDIM's), or `spaced` below;
+    all T of them for n >= T."""
+    T = len(log_snr)
+    if spacing == "uniform" or n >= T:
+        return torch.linspace(T - 1, 0, n, dtype=torch.float64).round().long().tolist()
+    return spaced(log_snr, n, spacing)
 
 
 def spaced(log_snr, n, spacing):

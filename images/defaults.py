@@ -26,7 +26,7 @@ PLAIN_AUTOGUIDANCE = 2.75  # the weight when guided steps move eps too (--no-gui
 GUIDE_FRACTION = 0.22  # autoguidance's guide: the EMA weights after this share of the epochs, 20 of 90 (docs/mnist.md)
 GUIDANCE_INTERVAL = (0.45, 0.86)  # autoguidance at these shares of T only: 450 <= t <= 859 of 1000 (docs/mnist.md)
 AUTOGUIDED_STEPS = 40  # an autoguided frame: 40 DDIM steps, 16 of them guided: 56 network evaluations (docs/mnist.md)
-DDPM_ONLY = ("beta_schedule", "prediction", "min_snr_gamma", "sampler", "num_inference_steps", "eta", "low_noise_fraction")
+DDPM_ONLY = ("beta_schedule", "prediction", "min_snr_gamma", "sampler", "num_inference_steps", "eta")
 
 
 def add_flags(parser):

@@ -41,7 +41,7 @@ def parse_config(argv):
     import ddpm
     from engine import experiment
     parser = ddpm.build_parser()
-    config, given = experiment.parse(parser, argv, ddpm.flag_error)
+    config, given = experiment.parse(parser, argv, ddpm.FORMULATIONS)
     return config, given, parser
 
 

@@ -50,7 +50,7 @@ def test_config_rebuilds_the_model(tiny_run):
     ema, raw = ddpm.build_model(config), ddpm.build_model(config)
     ema.load_state_dict(torch.load(exp / "model_ema.pth", weights_only=True))
     raw.load_state_dict(torch.load(exp / "model.pth", weights_only=True))
-    scheduler = ddpm.build_scheduler(config)
+    scheduler = ddpm.DDPM(config)
     last = np.load(exp / "frames.npy")[-1]
 
     def last_frame(model):

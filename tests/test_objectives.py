@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import ddpm
-import edm
-import flow
+from formulations import edm, flow
 from extensions import ode
 from helpers import ExactGaussianDenoiser
 
@@ -238,8 +237,11 @@ def test_a_tiny_run_of_each_objective_writes_its_outputs_and_sample_py_draws_fro
 
 def test_objective_flags_that_do_not_fit_are_one_line_errors(capsys):
     from helpers import parse_config
-    for argv, named in ((["--objective", "flow", "--sampler", "ddim"], "--sampler ddim"),
+    for argv, named in ((["--objective", "flow", "--sampler", "ddpm"], "--sampler ddpm"),
                         (["--sampler", "heun"], "--sampler heun"),
+                        (["--objective", "flow", "--timestep_spacing", "karras"], "--timestep_spacing"),
+                        (["--s_churn", "5"], "--s_churn"),
+                        (["--objective", "flow", "--sigma_max", "5"], "--sigma_max"),
                         (["--objective", "edm", "--prediction", "v"], "--prediction"),
                         (["--objective", "edm", "--flow_time", "uniform"], "--flow_time")):
         with pytest.raises(SystemExit) as exit_info:

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from engine import optim
 from helpers import ROOT, TINY, assert_one_line_error, outputs, run_tool, train
 
 RUN = ["--dataset", "moons", "--dataset_size", "2000", "--num_epochs", "12", "--eval_batch_size", "100",
@@ -122,13 +123,13 @@ def test_a_loss_that_turns_non_finite_late_keeps_the_checkpoint_of_the_last_good
     import torch
     import ddpm
     flags = [*TINY, "--checkpoint_every", "1", "--lr_schedule", "constant", "--compile", "off", "--frame_worker", "off"]
-    constant = ddpm.learning_rate_at
-    monkeypatch.setattr(ddpm, "learning_rate_at", lambda step, total, config: 1e12 if step >= 16 else constant(step, total, config))
+    constant = optim.learning_rate_at
+    monkeypatch.setattr(optim, "learning_rate_at", lambda step, total, config: 1e12 if step >= 16 else constant(step, total, config))
     with pytest.raises(SystemExit) as stopped:
         ddpm.main(["--out_dir", str(tmp_path), "--experiment_name", "late", *flags, "--num_epochs", "4"])
     message = str(stopped.value.code)
     assert message.startswith("ddpm.py: error: the loss became non-finite at step") and "(epoch 2)" in message
-    monkeypatch.setattr(ddpm, "learning_rate_at", constant)
+    monkeypatch.setattr(optim, "learning_rate_at", constant)
     ddpm.main(["--out_dir", str(tmp_path), "--experiment_name", "two", *flags, "--num_epochs", "2"])
     kept = torch.load(tmp_path / "late" / "checkpoint.pt", weights_only=True)
     good = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)

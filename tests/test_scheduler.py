@@ -5,6 +5,7 @@ import torch
 
 import ddpm
 from ddpm import NoiseScheduler, sample
+from engine import optim
 from extensions import dpm_solver, min_snr
 from helpers import ExactGaussianDenoiser, numpy_betas, sample_draws
 
@@ -91,11 +92,11 @@ def test_clip_sample_bounds_x0_and_keeps_eps_consistent_with_x_t(prediction):
 
 def test_clip_sample_from_the_config():
     config = vars(ddpm.build_parser().parse_args([]))
-    assert ddpm.build_scheduler(config).clip_sample == 5.0
+    assert ddpm.DDPM(config).clip_sample == 5.0
     config["clip_sample"] = 0.0
-    assert ddpm.build_scheduler(config).clip_sample is None
+    assert ddpm.DDPM(config).clip_sample is None
     del config["clip_sample"]  # an experiment written before the flag: no clamp for 2D, as it was trained
-    assert ddpm.build_scheduler(config).clip_sample is None
+    assert ddpm.DDPM(config).clip_sample is None
     # the constructor reads 0 as the command line does: no clamp (not a clamp to [0, 0])
     x_t, output, t = torch.randn(50, 2), 30 * torch.randn(50, 2), torch.full((50,), 190)
     x0, _ = NoiseScheduler(200, clip_sample=0).predict_x0_and_eps(output, x_t, t)
@@ -260,10 +261,10 @@ def test_wrong_sampler_gets_wrong_answer():
 
 def test_cosine_learning_rate_schedule_decays_to_zero():
     config = {"learning_rate": 2e-3, "lr_schedule": "cosine"}
-    assert ddpm.learning_rate_at(0, 100, config) == pytest.approx(2e-3)
-    assert ddpm.learning_rate_at(50, 100, config) == pytest.approx(1e-3)   # half way: half the rate
-    assert ddpm.learning_rate_at(100, 100, config) == pytest.approx(0, abs=1e-12)
-    assert ddpm.learning_rate_at(70, 100, {**config, "lr_schedule": "constant"}) == 2e-3
+    assert optim.learning_rate_at(0, 100, config) == pytest.approx(2e-3)
+    assert optim.learning_rate_at(50, 100, config) == pytest.approx(1e-3)   # half way: half the rate
+    assert optim.learning_rate_at(100, 100, config) == pytest.approx(0, abs=1e-12)
+    assert optim.learning_rate_at(70, 100, {**config, "lr_schedule": "constant"}) == 2e-3
 
 
 def test_ema_warm_up_is_a_power_average_that_stays_below_0999_in_an_image_run():
@@ -274,23 +275,28 @@ def test_ema_warm_up_is_a_power_average_that_stays_below_0999_in_an_image_run():
     N = 5670
     ema = 0.0
     for step in range(N):  # the update of ddpm.train: ema += (1 - decay) (w - ema)
-        ema += (1 - ddpm.ema_decay_at(step, 0.999)) * (step - ema)
+        ema += (1 - optim.ema_decay_at(step, 0.999)) * (step - ema)
     assert ema == pytest.approx(0.9 * N - 1, abs=1e-6)
-    assert ddpm.ema_decay_at(N - 1, 0.999) < 0.999
-    assert ddpm.ema_decay_at(9000, 0.999) == 0.999  # capped from step 8,990 on
+    assert optim.ema_decay_at(N - 1, 0.999) < 0.999
+    assert optim.ema_decay_at(9000, 0.999) == 0.999  # capped from step 8,990 on
+
+
+def ddpm_times(T, low_noise_fraction, n, generator):
+    config = {"dataset": "dino", "num_timesteps": T, "beta_schedule": "quadratic", "low_noise_fraction": low_noise_fraction}
+    return ddpm.DDPM(config).sample_timesteps(n, generator)
 
 
 def test_low_noise_fraction_draws_the_documented_timestep_mix():
     T, n = 50, 200_000
     g = torch.Generator().manual_seed(0)
-    uniform = ddpm.sample_timesteps(n, NoiseScheduler(T), 0.0, g)
+    uniform = ddpm_times(T, 0.0, n, g)
     assert uniform.min() == 0 and uniform.max() == T - 1
     assert float(uniform.float().mean()) == pytest.approx((T - 1) / 2, abs=0.1)
     # half from the lowest 10 steps, half uniform over 50: P(t < 10) = 0.5 + 0.5 * 10/50 = 0.6
-    mixed = ddpm.sample_timesteps(n, NoiseScheduler(T), 0.5, g)
+    mixed = ddpm_times(T, 0.5, n, g)
     assert float((mixed < 10).float().mean()) == pytest.approx(0.6, abs=0.005)
     assert float((mixed == 3).float().mean()) == pytest.approx(0.5 / 10 + 0.5 / 50, abs=0.002)
-    assert int(ddpm.sample_timesteps(n, NoiseScheduler(T), 1.0, g).max()) == 9
+    assert int(ddpm_times(T, 1.0, n, g).max()) == 9
 
 
 def test_random_direction_embedding_has_the_sinusoidal_frequencies_along_random_directions():

@@ -290,7 +290,7 @@ def study_table(study, runs, out_dir):
     for label, name, flags in runs:
         r = load_result(os.path.join(out_dir, name))
         config = resolved(flags)
-        alpha_bar_T = float(ddpm.build_scheduler(config).alphas_cumprod[-1])
+        alpha_bar_T = float(ddpm.DDPM(config).alphas_cumprod[-1])
         if r is None:
             lines.append(f"| {label} | {missing(out_dir, name)} | | | | | {alpha_bar_T:.2f} | |")
         else:
@@ -330,7 +330,7 @@ def draw_pictures(out_dir, static_dir):
     schedules = []
     for label, name in (("classic", "classic"), (OURS, "ours_default")):
         with open(os.path.join(out_dir, name, "config.json")) as f:
-            schedules.append((label, ddpm.build_scheduler(json.load(f)), x0))
+            schedules.append((label, ddpm.DDPM(json.load(f)), x0))
     figures.draw_forward(schedules, os.path.join(static_dir, "forward.png"))
     trajectories = [(label, reverse_trajectory(os.path.join(out_dir, name)))
                     for label, name in (("classic", "classic"), (OURS, "ours_default"))]

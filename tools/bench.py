@@ -57,7 +57,7 @@ def steps_per_second_ours(batch_size, steps, threads=1, compiled=True):
     torch.set_num_threads(threads)
     config = default_config(train_batch_size=batch_size)
     torch.manual_seed(0)
-    model, scheduler = ddpm.build_model(config), ddpm.build_scheduler(config)
+    model, scheduler = ddpm.build_model(config), ddpm.DDPM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     loss = functools.partial(ddpm.diffusion_loss, scheduler=scheduler)
     if compiled:
@@ -90,7 +90,7 @@ def steps_per_second_naive(batch_size, steps, threads=1):
     torch.set_num_threads(threads)
     config = default_config(train_batch_size=batch_size)
     torch.manual_seed(0)
-    model, scheduler = ddpm.build_model(config), ddpm.build_scheduler(config)
+    model, scheduler = ddpm.build_model(config), ddpm.DDPM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loader = DataLoader(TensorDataset(datasets.get_dataset("dino", 8000)), batch_size=batch_size, shuffle=True)
     done, losses = 0, []
@@ -125,7 +125,7 @@ def sampling_throughput(threads, repeats):
     """Points x steps per second of the default 2D model's full reverse process (1,000 points x T steps)."""
     torch.set_num_threads(threads)
     config = default_config()
-    model, scheduler = ddpm.build_model(config).eval(), ddpm.build_scheduler(config)
+    model, scheduler = ddpm.build_model(config).eval(), ddpm.DDPM(config)
     ddpm.sample(model, scheduler, (1000, 2))
     tic = time.perf_counter()
     for _ in range(repeats):
@@ -178,7 +178,7 @@ def unet_images_per_second(quick, precision="fp32"):
     config = image_defaults.apply(vars(ddpm.build_parser().parse_args(["--dataset", "mnist"])), {"dataset"})
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    model, scheduler = ddpm.build_model(config), ddpm.build_scheduler(config)
+    model, scheduler = ddpm.build_model(config), ddpm.DDPM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     B = config["train_batch_size"]
     x = torch.rand(B, 1, 28, 28) * 2 - 1

@@ -220,13 +220,12 @@ def draw_formulations(experiments, path, n=1000):
     import datasets
     if datasets.is_image_dataset(json.load(open(f"{experiments[0]}/config.json"))["dataset"]):
         return draw_image_formulations(experiments, path)
-    import ddpm
     from engine import metrics
     from extensions import ode
     from sample import load_experiment
     rows = []
     for experiment in experiments:
-        model, scheduler, config = load_experiment(experiment)
+        model, formulation, config = load_experiment(experiment)
         objective = config.get("objective", "ddpm")
         scorer = metrics.PointScorer(config["dataset"], n, seed=config["seed"])
         reference = datasets.get_dataset(config["dataset"], 20_000, seed=config["seed"] + 30_000)
@@ -234,8 +233,8 @@ def draw_formulations(experiments, path, n=1000):
                                                                           + 40_000), reference)
         cells, notes = [], []
         for sampler, steps in FORMULATION_SAMPLERS[objective]:
-            x = ddpm.sample(model, scheduler, (n, 2), sampler=sampler, num_inference_steps=steps,
-                            generator=torch.Generator().manual_seed(0))
+            x = formulation.sample(model, (n, 2), sampler=sampler, num_inference_steps=steps,
+                                   generator=torch.Generator().manual_seed(0))
             evaluations = ode.evaluations(sampler, steps) if sampler in ode.SAMPLERS else steps
             cells.append(x.numpy())
             notes.append(f"{sampler}, {evaluations} evaluations\nscore {scorer(x)['score'] / scorer.floor:.2f}x floor, "
