@@ -80,9 +80,10 @@ def flag_error(config, given=(), formulations=None):
     if config["resume"] and config["overwrite"]:
         return "--resume and --overwrite exclude each other"
     formulation = formulations[config["objective"]]
-    for name, other in formulations.items():
-        for flag in [f for f in other.FLAGS if f in given and f not in formulation.FLAGS]:
-            return f"--{flag} is for --objective {name}; --objective {config['objective']} does not use it"
+    for flag in [f for f in sorted(given) if f not in formulation.FLAGS]:
+        owners = [name for name, other in formulations.items() if flag in other.FLAGS]
+        if owners:
+            return f"--{flag} is for --objective {' or '.join(owners)}; --objective {config['objective']} does not use it"
     error = formulation.sampling_error(config["sampler"], config["num_inference_steps"], config["num_timesteps"])
     if error:
         return error

@@ -53,8 +53,8 @@ def add_flags(parser, formulations, spacings, default_spacing):
         + ", ".join(f"{name} {f.DEFAULTS.get('num_inference_steps') or 'T'}" for name, f in formulations.items()) + ")")
     add("--eta", type=cli.nonnegative_float, default=None, help="noise of ddim and dpmpp_2m_sde: 0 none, 1 the "
         f"ancestral step's (default: ddim 0, dpmpp_2m_sde {dpm_solver.DEFAULT_ETA:g})")
-    add("--timestep_spacing", default=None, choices=spacings, help="--objective ddpm: the timesteps a few-step "
-        f"sampler visits (default: {', '.join(f'{k} {v}' for k, v in default_spacing.items())})")
+    add("--timestep_spacing", default=None, choices=spacings, help="the times a few-step sampler visits: DDPM's "
+        f"(default: {', '.join(f'{k} {v}' for k, v in default_spacing.items())}); flow's uniform or quadratic in t")
     add("--paper_settings", action="store_true", help="each formulation's paper's training times and sampler "
         "instead of the project's measured 2D defaults (docs/formulations.md)")
     flow.add_flags(group)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from extensions import dpm_solver, guidance as guided, ode
 
 TIMES = ("uniform", "logit_normal")
+SPACINGS = ("uniform", "quadratic")  # the sampling grid: t_i = 1 - i/n, or (1 - i/n)^2, more steps at low noise
 
 
 def add_flags(parser):
@@ -37,8 +38,8 @@ def add_flags(parser):
 class FlowMatching:
     """Flow matching as a formulation (formulations/__init__.py): training times, the loss, samplers."""
     SAMPLERS = ode.SAMPLERS + dpm_solver.SAMPLERS
-    FLAGS = ("flow_time",)
-    SAMPLING_FLAGS = ("sampler", "num_inference_steps", "eta")
+    FLAGS = ("flow_time", "timestep_spacing")
+    SAMPLING_FLAGS = ("sampler", "num_inference_steps", "eta", "timestep_spacing")
     DEFAULTS = {"sampler": "heun", "num_inference_steps": 25}  # 49 network evaluations a sample
     PAPER = {"flow_time": "logit_normal", "low_noise_fraction": 0.0, "sampler": "heun", "num_inference_steps": 25}
 
@@ -48,6 +49,9 @@ class FlowMatching:
         self.clip_sample = config.get("clip_sample") or None  # clamp the predicted x_0 to [-c, c] when sampling
         self.num_timesteps = config["num_timesteps"]  # --guidance_interval LO HI of T guides LO <= t (T - 1) <= HI
         self.precision = config.get("precision", "fp32")
+        if config.get("timestep_spacing") not in (None,) + SPACINGS:
+            raise ValueError(f"--timestep_spacing {config['timestep_spacing']} is not one of --objective flow's: "
+                             + ", ".join(SPACINGS))
 
     @staticmethod
     def prepare(config):  # nothing to measure before a run
@@ -93,17 +97,18 @@ class FlowMatching:
         return v
 
     @torch.inference_mode()
-    def sample(self, model, shape, *, sampler="heun", num_inference_steps=None, eta=None, generator=None,
-               device="cpu", labels=None, guidance=None, trajectory=False):
-        """From x_1 ~ N(0, I) of `shape` [B, ...] to x_0 in num_inference_steps steps evenly spaced in t: Euler or
-        Heun on the ODE, or DDIM / DPM-Solver++(2M) (eta > 0: stochastic) with the x_0 the velocity implies."""
+    def sample(self, model, shape, *, sampler="heun", num_inference_steps=None, eta=None, timestep_spacing=None,
+               generator=None, device="cpu", labels=None, guidance=None, trajectory=False):
+        """From x_1 ~ N(0, I) of `shape` [B, ...] to x_0 in num_inference_steps steps, spaced evenly in t or
+        quadratically: Euler or Heun on the ODE, or DDIM / DPM-Solver++(2M) (eta > 0: stochastic) with the x_0
+        the velocity implies."""
         error = self.sampling_error(sampler, num_inference_steps, self.num_timesteps)
-        if error:
-            raise ValueError(error)
+        if error or timestep_spacing not in (None,) + SPACINGS:
+            raise ValueError(error or f"timestep_spacing {timestep_spacing!r} is not one of {SPACINGS}")
         x = torch.randn(shape, generator=generator, device=device)                    # x_1 ~ N(0, I)
         path = [x] if trajectory else None
-        grid = torch.linspace(1, 0, (num_inference_steps or self.DEFAULTS["num_inference_steps"]) + 1,
-                              dtype=torch.float64).tolist()
+        ramp = torch.linspace(1, 0, (num_inference_steps or self.DEFAULTS["num_inference_steps"]) + 1, dtype=torch.float64)
+        grid = (ramp ** (2 if timestep_spacing == "quadratic" else 1)).tolist()
         if sampler in ode.SAMPLERS:
             x = ode.solve(lambda x, t: self.velocity(model, x, t, labels, guidance), x, grid, sampler, path)
         else:
