@@ -75,7 +75,7 @@ def evaluate(experiment_dir, n=1000, num_seeds=5, sweep=False, samplers=None, op
                  for seed in range(num_seeds)]
         scores = [scorer(x) for x in draws]
         steps_run = steps or config["num_timesteps"]
-        noted = ", ".join([spacing] if spacing else [] + [f"{k} {v:g}" for k, v in extra.items()])
+        noted = ", ".join(([spacing] if spacing else []) + [f"{k} {v:g}" for k, v in extra.items()])
         row = {"experiment": experiment_dir, "dataset": config["dataset"], "objective": objective,
                "sampler": f"{sampler} {steps_run} steps" + (f" ({noted})" if noted else ""),
                "evaluations": ode.evaluations(sampler, steps_run) if sampler in ode.SAMPLERS else steps_run,
