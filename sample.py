@@ -100,7 +100,7 @@ def load_guide(experiment_dir, config, device="cpu"):
 def sampling_settings(args, config, formulation, parser):
     """The keywords of formulation.sample: what the command line says, else the experiment's own where the
     sampler is the experiment's, else the sampler's defaults. A flag the formulation does not take is refused."""
-    sampler = args.sampler or config.get("sampler", formulation.SAMPLERS[0])
+    sampler = args.sampler or config.get("sampler") or formulation.DEFAULTS.get("sampler", "ddpm")
     same = args.sampler in (None, config.get("sampler"))
     settings = {"sampler": sampler}
     for key in ("num_inference_steps", "eta", "timestep_spacing", "s_churn"):

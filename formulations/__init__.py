@@ -15,7 +15,7 @@ from formulations import edm, flow
 
 class Formulation(Protocol):
     """Built from a run's config: Formulation(config, device)."""
-    SAMPLERS: tuple        # the --sampler names it samples with, its default first
+    SAMPLERS: tuple        # the --sampler names it samples with
     FLAGS: tuple           # the flags only it reads (others refuse them), e.g. ("flow_time",)
     SAMPLING_FLAGS: tuple  # the keywords of its sample() besides those below, e.g. ("sampler", "num_inference_steps")
     DEFAULTS: dict         # its own defaults for flags not given (2D runs; images/defaults.py has the image ones)
