@@ -32,12 +32,13 @@ def test_docs_have_no_clock_times_or_paths_outside_the_repository():
 
 
 def test_pages_stay_short_and_every_table_labels_its_columns():
-    # the README at most ~220 lines, each docs page at most ~300; a markdown table starts with a header row
+    # the README at most ~240 lines (a product page with one section a feature), each docs page at most ~300;
+    # a markdown table starts with a header row
     # of names (no cell a bare number) followed by its |---| separator
     pages = ["README.md"] + [os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md")]
     for name in pages:
         lines = read(name).splitlines()
-        assert len(lines) <= (220 if name == "README.md" else 300), (name, len(lines))
+        assert len(lines) <= (240 if name == "README.md" else 300), (name, len(lines))
         in_code = False
         for i, line in enumerate(lines):
             in_code ^= line.startswith("```")

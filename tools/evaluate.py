@@ -32,7 +32,7 @@ from sample import load_experiment
 STEPS = (50, 20, 10)  # network evaluations
 
 
-def settings(formulation, sweep=False, samplers=None):
+def settings(formulation, sweep=False, samplers=None, evaluations=STEPS):
     """[(sampler, steps, spacing)]: every sampler of the formulation (or those named), the ancestral ddpm over all
     T, the others at STEPS evaluations: Heun at the most steps within them (2 n - 1 evaluations: 49, 19, 9);
     DDPM's few-step samplers at their default timestep spacing (sweep: at every spacing)."""
@@ -41,18 +41,25 @@ def settings(formulation, sweep=False, samplers=None):
         if sampler == "ddpm":
             rows.append(("ddpm", None, "uniform"))
         elif sampler in ode.SAMPLERS:
-            rows += [(sampler, steps if sampler == "euler" else (steps + 1) // 2, None) for steps in STEPS]
+            rows += [(sampler, steps if sampler == "euler" else (steps + 1) // 2, None) for steps in evaluations]
         else:
             spacings = ((ddpm.SPACINGS if sweep else (ddpm.DEFAULT_SPACING[sampler],))
                         if "timestep_spacing" in formulation.SAMPLING_FLAGS else (None,))
-            rows += [(sampler, steps, spacing) for spacing in spacings for steps in STEPS]
+            rows += [(sampler, steps, spacing) for spacing in spacings for steps in evaluations]
     return rows
 
 
-def evaluate(experiment_dir, n=1000, num_seeds=5, sweep=False, samplers=None, options=None):
+def evaluate(experiment_dir, n=1000, num_seeds=5, sweep=False, samplers=None, options=None, evaluations=STEPS,
+             sigma_max=None):
     """Rows of the table for one experiment. options: sampling keywords (eta, s_churn) for every sampler; those
-    not given are the experiment's where it set them, else each sampler's default."""
+    not given are the experiment's where it set them, else each sampler's default. sigma_max: EDM's grid top
+    instead of the experiment's (it changes no training)."""
     model, formulation, config = load_experiment(experiment_dir)
+    if sigma_max is not None:
+        if "sigma_max" not in formulation.FLAGS:
+            raise CheckpointError(f"--sigma_max is for EDM experiments; {experiment_dir} is not one")
+        config = {**config, "sigma_max": sigma_max}
+        formulation = type(formulation)(config)
     scorer = metrics.PointScorer(config["dataset"], n, seed=config["seed"])
     reference = datasets.get_dataset(config["dataset"], 20_000, seed=config["seed"] + 30_000)
     real = datasets.get_dataset(config["dataset"], n, seed=config["seed"] + 40_000)
@@ -65,7 +72,7 @@ def evaluate(experiment_dir, n=1000, num_seeds=5, sweep=False, samplers=None, op
     extra.update({k: config[k] for k in ("s_churn",) if k in formulation.SAMPLING_FLAGS and k not in extra
                   and config.get(k) is not None})
     rows = []
-    for sampler, steps, spacing in settings(formulation, sweep, samplers):
+    for sampler, steps, spacing in settings(formulation, sweep, samplers, evaluations):
         if steps is not None and formulation.sampling_error(sampler, steps, config["num_timesteps"]):
             continue  # e.g. DDPM with T below 50
         keywords = {**extra, **({"timestep_spacing": spacing} if spacing else {})}
@@ -101,6 +108,10 @@ def main(argv=None):
                         help="noise of ddim and dpmpp_2m_sde (default: each sampler's own)")
     parser.add_argument("--s_churn", type=cli.nonnegative_float, default=None,
                         help="EDM's euler and heun: S_churn (default: the experiment's)")
+    parser.add_argument("--sigma_max", type=cli.positive_float, default=None,
+                        help="EDM: the top of the sampling grid (default: the experiment's)")
+    parser.add_argument("--evaluations", type=cli.positive_int, nargs="+", default=list(STEPS),
+                        help="network evaluations of the few-step samplers (Heun: the most steps within them)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print("| dataset | objective | sampler | network evaluations | score | floor | score / floor | sharpness | "
@@ -109,7 +120,7 @@ def main(argv=None):
     for experiment in args.experiments:
         try:
             rows = evaluate(experiment, args.num_samples, args.num_seeds, args.sweep, args.samplers,
-                            {"eta": args.eta, "s_churn": args.s_churn})
+                            {"eta": args.eta, "s_churn": args.s_churn}, args.evaluations, args.sigma_max)
         except CheckpointError as e:
             parser.error(str(e))
         for r in rows:

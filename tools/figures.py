@@ -186,9 +186,11 @@ def draw_tradeoff(csv_path, path, real_confident=91.4):
     return means
 
 
-FORMULATION_SAMPLERS = {  # per formulation, at 10 and at 50 network evaluations: its sampler and steps
-    "ddpm": (("dpmpp_2m_sde", 10), ("dpmpp_2m_sde", 50)), "flow": (("euler", 10), ("heun", 25)),
-    "edm": (("euler", 10), ("heun", 25))}
+FORMULATION_COLUMNS = ["deterministic, ~20 evaluations", "stochastic, ~20", "stochastic, ~10"]
+FORMULATION_SAMPLERS = {  # per formulation, its best sampler and steps in each column (docs/formulations.md)
+    "ddpm": (("dpmpp_2m", 20), ("dpmpp_2m_sde", 20), ("dpmpp_2m_sde", 10)),
+    "flow": (("dpmpp_2m", 20), ("dpmpp_2m_sde", 20), ("dpmpp_2m_sde", 10)),
+    "edm": (("heun", 10), ("dpmpp_2m_sde", 20), ("dpmpp_2m_sde", 10))}
 FORMULATION_NAMES = {"ddpm": "DDPM", "flow": "flow matching", "edm": "EDM"}
 
 
@@ -214,8 +216,8 @@ def draw_image_formulations(experiments, path, n=8):
 
 
 def draw_formulations(experiments, path, n=1000):
-    """One row per experiment (DDPM, flow matching, EDM on the same data): its samples at about 10 and 50
-    network evaluations (FORMULATION_SAMPLERS), seed 0, with the score and sharpness of that draw; for
+    """One row per experiment (DDPM, flow matching, EDM on the same data): its samples with its best
+    deterministic and stochastic samplers (FORMULATION_SAMPLERS), seed 0, with the score and sharpness of that draw; for
     image runs, their last frames (draw_image_formulations)."""
     import datasets
     if datasets.is_image_dataset(json.load(open(f"{experiments[0]}/config.json"))["dataset"]):
@@ -240,7 +242,7 @@ def draw_formulations(experiments, path, n=1000):
             notes.append(f"{sampler}, {evaluations} evaluations\nscore {scorer(x)['score'] / scorer.floor:.2f}x floor, "
                          f"sharpness {metrics.nearest_neighbour_distance(x, reference) / real_nn:.1f}")
         rows.append({"label": FORMULATION_NAMES[objective], "cells": cells, "notes": notes})
-    draw_grid(rows, ["about 10 evaluations", "about 50 evaluations"], path, "one network, three formulations")
+    draw_grid(rows, FORMULATION_COLUMNS, path, "one network, three formulations, their default runs")
 
 
 if __name__ == "__main__":  # python tools/figures.py RUN_DIR COND_RUN_DIR static/mnist.png
@@ -262,5 +264,5 @@ if __name__ == "__main__":  # python tools/figures.py RUN_DIR COND_RUN_DIR stati
               "       python tools/figures.py --tradeoff MEASURED.csv OUT.png: confident share against Frechet / floor "
               "(docs/mnist_tradeoff.csv);\n"
               "       python tools/figures.py --formulations DDPM_RUN FLOW_RUN EDM_RUN OUT.png: 2D samples of each "
-              "formulation at about 10 and 50 network evaluations (image runs: their last frames)", file=sys.stdout if asked else sys.stderr)
+              "formulation with its best deterministic and stochastic samplers (image runs: their last frames)", file=sys.stdout if asked else sys.stderr)
         sys.exit(0 if asked else 2)
