@@ -14,7 +14,7 @@ and table numbers are the paper's (arXiv:2206.00364):
                     lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 = 1 / c_out^2                 (eq. 8, Table 1)
   the noise levels  ln(sigma) ~ N(P_mean, P_std^2), P_mean = -1.2, P_std = 1.2                    (Table 1)
                     and a share --low_noise_fraction from the lowest fifth of the rho = 7 ramp below
-                    (sigma from 0.002 to 0.086, uniform in sigma^(1/7)), as DDPM's training draws its t
+                    (sigma from 0.002 to 0.085, uniform in sigma^(1/7)), as DDPM's training draws its t
   sampling          the ODE dx/dsigma = (x - D(x; sigma)) / sigma from x ~ N(0, sigma_max^2 I) to sigma = 0,
                     with Heun's method (their Algorithm 1) or Euler's (extensions/ode.py), on the grid
                     sigma_i = (smax^(1/rho) + i / (N - 1) (smin^(1/rho) - smax^(1/rho)))^rho, rho = 7,
