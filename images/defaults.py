@@ -21,7 +21,8 @@ DEFAULTS = {"dataset_size": 60000, "num_timesteps": 1000, "beta_schedule": "cosi
             "prediction": "v", "min_snr_gamma": 5.0,
             "train_batch_size": 64, "learning_rate": 1e-3, "ema_decay": 0.999,
             "sampler": "ddim", "num_inference_steps": 150, "eta": 1.0, "eval_batch_size": 1000,
-            "lr_schedule": "constant", "low_noise_fraction": 0.0, "autoguidance": 1.3}
+            "lr_schedule": "constant", "low_noise_fraction": 0.0, "autoguidance": 1.3,
+            "flow_time": "logit_normal"}  # flow matching's: SD3's times, measured on images (docs/formulations.md)
 PLAIN_AUTOGUIDANCE = 2.75  # the weight when guided steps move eps too (--no-guide_x0_only, other samplers: docs/mnist.md)
 GUIDE_FRACTION = 0.22  # autoguidance's guide: the EMA weights after this share of the epochs, 20 of 90 (docs/mnist.md)
 GUIDANCE_INTERVAL = (0.45, 0.86)  # autoguidance at these shares of T only: 450 <= t <= 859 of 1000 (docs/mnist.md)
