@@ -133,4 +133,4 @@ def build_unet(config):
     return UNet(channels=config.get("unet_channels", 32), channel_mult=tuple(config.get("unet_mult", (1, 2, 2))),
                 depth=config.get("unet_depth", 1), attention=config.get("unet_attention") is not False,
                 num_classes=len(config.get("class_names") or range(10)) if config.get("class_conditional") else None,
-                in_channels=config.get("channels", 1))  # MNIST: 10 classes, 1 channel; a folder: its own
+                in_channels=config.get("channels") or 1)  # MNIST: 10 classes, 1 channel; a folder: its own
