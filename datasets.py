@@ -172,7 +172,7 @@ def dataset_argument(text):
         return text.rstrip("/" + os.sep) + "/"
     if os.path.isfile(text):
         return text
-    raise argparse.ArgumentTypeError(f"{text}: no such file or folder, and not a built-in dataset "
+    raise argparse.ArgumentTypeError(f"{text!r}: no such file or folder, and not a built-in dataset "
                                      f"({', '.join(DATASETS)})")
 
 
