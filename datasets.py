@@ -209,7 +209,10 @@ def describe(config, given, log=None):
     for flag, kinds in (("columns", ("point_file",)), ("image_size", ("image_folder",)),
                         ("channels", ("image_folder",))):
         if flag in given and kind not in kinds:
-            raise DataError(f"--{flag} is for --dataset " + ("a point file" if flag == "columns" else "a folder of images"))
+            what = {"points": "a built-in dataset", "images": "a built-in dataset", "point_file": "a point file",
+                    "picture": "a picture", "image_folder": "a folder of images"}[kind]
+            raise DataError(f"--{flag} is for --dataset " + ("a point file" if flag == "columns" else "a folder of images")
+                            + f"; {name} is {what}")
     if kind == "point_file":
         points = read_point_file(name, config.get("columns"))
         train, held_out = split_held_out(points)
@@ -346,7 +349,7 @@ def _read_point_file(path, columns):
         bad = np.flatnonzero(~np.isfinite(values))
         if len(bad):
             raise DataError(f"{path}: data row {bad[0] + 1}, column {names[index]}: NaN, inf or an empty cell "
-                            f"({len(bad)} such values in the column)")
+                            f"({len(bad)} in the column)")
         points[:, j] = values
     return points
 

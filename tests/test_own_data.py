@@ -253,7 +253,7 @@ def bad_files(folder):
         "unknown suffix": (text("points.dat", good), [], ["points.dat", "unknown kind"]),
         "folder without images": (str(folder / "no_images"), [], ["no_images", "no images"]),
         "truncated image in a folder": (str(folder / "broken_folder"), [], ["bad.png", "cannot read"]),
-        "--columns for a picture": (png, ["--columns", "0", "1"], ["--columns", "point file"]),
+        "--columns for a picture": (png, ["--columns", "0", "1"], ["--columns", "point file", "whole.png"]),
         "classes without subfolders": (str(folder / "flat"), ["--class_conditional"], ["flat", "subfolders"]),
     }
 

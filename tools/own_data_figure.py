@@ -57,7 +57,7 @@ def figure(experiment, output, picks=(0, 2, 7, -1)):
         ax.set_xlim(-LIMIT, LIMIT)
         ax.set_ylim(-LIMIT, LIMIT)
         ax.set_aspect("equal")
-        ax.set_title(f"epoch {row['epoch'] + 1}: score/floor {row['score'] / row['floor']:.2f}", fontsize=9)
+        ax.set_title(f"epoch {int(row['epoch']) + 1}: score/floor {row['score'] / row['floor']:.2f}", fontsize=9)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
