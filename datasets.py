@@ -176,6 +176,10 @@ def dataset_argument(text):
                                      f"({', '.join(DATASETS)})")
 
 
+KINDS = {"points": "a built-in dataset", "images": "a built-in dataset", "point_file": "a point file",
+         "picture": "a picture", "image_folder": "a folder of images"}
+
+
 def data_kind(name):
     """'points' (built-in), 'images' (built-in), 'point_file', 'picture' or 'image_folder'."""
     if name in POINT_DATASETS:
@@ -206,13 +210,9 @@ def describe(config, given, log=None):
     (one line naming the file) when it can't be used. Says in one line what it found."""
     kind, name = data_kind(config["dataset"]), config["dataset"]
     log = log or (lambda line: print(line, flush=True) if os.environ.get("RANK", "0") == "0" else None)
-    for flag, kinds in (("columns", ("point_file",)), ("image_size", ("image_folder",)),
-                        ("channels", ("image_folder",))):
-        if flag in given and kind not in kinds:
-            what = {"points": "a built-in dataset", "images": "a built-in dataset", "point_file": "a point file",
-                    "picture": "a picture", "image_folder": "a folder of images"}[kind]
-            raise DataError(f"--{flag} is for --dataset " + ("a point file" if flag == "columns" else "a folder of images")
-                            + f"; {name} is {what}")
+    for flag, wanted in (("columns", "point_file"), ("image_size", "image_folder"), ("channels", "image_folder")):
+        if flag in given and kind != wanted:
+            raise DataError(f"--{flag} is for --dataset {KINDS[wanted]}; {name} is {KINDS[kind]}")
     if kind == "point_file":
         points = read_point_file(name, config.get("columns"))
         train, held_out = split_held_out(points)
@@ -234,8 +234,8 @@ def describe(config, given, log=None):
                   f"{STABLE_HELD_OUT} ({minimum_points(0, STABLE_HELD_OUT):,} points in the file)", file=sys.stderr)
     elif kind == "picture":
         darkness = read_picture(name)[0]
-        log(f"{name}: a {darkness.shape[1]}x{darkness.shape[0]} picture; {config['dataset_size']:,} points a "
-            "dataset, drawn where it is dark")
+        log(f"{name}: a {darkness.shape[1]}x{darkness.shape[0]} picture; {config['dataset_size']:,} points an epoch "
+            "(--dataset_size), drawn where it is dark")
     elif kind == "image_folder":
         config = {**config, **image_folder.describe(name, config.get("image_size"), config.get("channels"),
                                                     config.get("class_conditional"), log)}

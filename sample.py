@@ -138,10 +138,8 @@ def guidance_for(args, config, conditional, sampler, parser, device):
 
 
 def class_index(label, config, num_classes, parser):
-    """The class index of --label: a number, or one of a folder's class names (their indices printed)."""
+    """The class index of --label: a number, or one of a folder's class names."""
     names = config.get("class_names")
-    if names:
-        print("classes: " + ", ".join(f"{i} = {name}" for i, name in enumerate(names)))
     if names and label in names:
         return names.index(label)
     if label.lstrip("-").isdigit() and 0 <= int(label) < num_classes:
@@ -170,6 +168,8 @@ def main(argv=None):
     conditional = getattr(model, "num_classes", None) is not None
     if args.label is not None and not conditional:
         parser.error("--label needs a class-conditional experiment (trained with --class_conditional)")
+    if conditional and config.get("class_names"):  # a folder's classes: which index is which
+        print("classes: " + ", ".join(f"{i} = {name}" for i, name in enumerate(config["class_names"])))
     label = class_index(args.label, config, model.num_classes, parser) if args.label is not None else None
     guided = guidance_for(args, config, conditional, sampler, parser, device)
 

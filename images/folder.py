@@ -56,18 +56,28 @@ def _on_white(rgba):
     return np.round(rgba[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
 
 
-def _square(rgb, size, channels):
-    """The centre square of an RGB image resized to size x size, as [channels, size, size] in [-1, 1]."""
+def _square(rgb, size):
+    """The centre square of an RGB image resized to size x size, as [3, size, size] in [-1, 1]."""
     h, w = rgb.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     image = PIL.Image.fromarray(rgb[top:top + side, left:left + side])
-    if channels == 1:
-        image = image.convert("L")
     if side != size:
         image = image.resize((size, size), PIL.Image.Resampling.LANCZOS)
-    array = np.asarray(image, dtype=np.float32).reshape(size, size, channels)
-    return array.transpose(2, 0, 1) / 127.5 - 1
+    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1
+
+
+def _is_grey(rgb):
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+def _header_size(path):
+    """(width, height) from the file's header alone: the default size is known before any image is decoded."""
+    try:
+        with PIL.Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read the image ({str(e).splitlines()[0] or type(e).__name__})")
 
 
 _cache = {}  # (folder, size, channels) -> (images, labels, description): a run reads its folder twice
@@ -75,29 +85,32 @@ _cache = {}  # (folder, size, channels) -> (images, labels, description): a run 
 
 def _read(folder, image_size, channels):
     files = scan(folder)
-    if not files:
-        raise DataError(f"{folder}: no images (.png, .jpg, .jpeg) in it or its subfolders")
-    pictures = [_on_white(open_rgba(path)) for path, _ in files]
-    sizes = sorted({p.shape[1::-1] for p in pictures})  # (width, height)
-    greys = [_is_grey(p) for p in pictures]
+    if len(files) < 2:
+        raise DataError(f"{folder}: " + ("no images (.png, .jpg, .jpeg) in it or its subfolders" if not files else
+                                         "one image; a folder needs two or more (half of them score the frames)"))
+    sizes = sorted({_header_size(path) for path, _ in files})  # (width, height)
     if image_size is None:
         own = sizes[0][0]
         image_size = own if len(sizes) == 1 and sizes[0][0] == sizes[0][1] and own <= LARGEST_OWN_SIZE else DEFAULT_SIZE
     if image_size < 4:
         raise DataError(f"--image_size {image_size}: the U-Net halves an image twice; at least 4 pixels")
+    squares, greys = [], []
+    for path, _ in files:  # each image decoded (a truncated one fails here) and shrunk at once: big photos fit
+        rgb = _on_white(open_rgba(path))
+        greys.append(_is_grey(rgb))
+        squares.append(_square(rgb, image_size))
+    images = np.stack(squares)                                             # [N, 3, S, S]
     channels = channels or (1 if all(greys) else 3)
+    if channels == 1:  # grey images: any channel; colour ones: their luma (ITU-R 601), as PIL's "L" is
+        images = images[:, :1] if all(greys) else np.tensordot([0.299, 0.587, 0.114], images, ([0], [1]))[:, None]
     names = sorted({label for _, label in files if label is not None})
     labels = torch.tensor([names.index(label) if label is not None else -1 for _, label in files])
     order = torch.from_numpy(np.random.default_rng(0).permutation(len(files)))  # classes mixed: --dataset_size takes
-    images = torch.from_numpy(np.stack([_square(p, image_size, channels) for p in pictures]))  # a fair share of each
+    images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))  # a fair share of each
     description = {"image_size": image_size, "channels": channels, "class_names": names or None,
                    "image_count": len(files), "unlabelled": int((labels < 0).sum()), "sizes": sizes,
                    "modes": "grey" if all(greys) else ("colour" if not any(greys) else "grey and colour")}
     return images[order], labels[order], description
-
-
-def _is_grey(rgb):
-    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
 
 
 def _cached(folder, image_size=None, channels=None):

@@ -229,6 +229,8 @@ def bad_files(folder):
     (folder / "broken_folder").mkdir(exist_ok=True)
     (folder / "broken_folder" / "ok.png").write_bytes(open(png, "rb").read())
     (folder / "broken_folder" / "bad.png").write_bytes(half)
+    (folder / "lonely").mkdir(exist_ok=True)
+    (folder / "lonely" / "only.png").write_bytes(open(png, "rb").read())
     (folder / "flat").mkdir(exist_ok=True)
     for i in range(3):
         (folder / "flat" / f"{i}.png").write_bytes(open(png, "rb").read())
@@ -252,6 +254,7 @@ def bad_files(folder):
         "not a picture": (str(folder / "not_a_picture.jpg"), [], ["not_a_picture.jpg", "cannot read"]),
         "unknown suffix": (text("points.dat", good), [], ["points.dat", "unknown kind"]),
         "folder without images": (str(folder / "no_images"), [], ["no_images", "no images"]),
+        "folder of one image": (str(folder / "lonely"), [], ["lonely", "one image"]),
         "truncated image in a folder": (str(folder / "broken_folder"), [], ["bad.png", "cannot read"]),
         "--columns for a picture": (png, ["--columns", "0", "1"], ["--columns", "point file", "whole.png"]),
         "classes without subfolders": (str(folder / "flat"), ["--class_conditional"], ["flat", "subfolders"]),
@@ -261,7 +264,7 @@ def bad_files(folder):
 BAD_CASES = ["missing path", "empty file", "header only", "text for a number", "NaN", "inf", "empty cell",
              "one column", "three columns", "three columns (.npy)", "unknown column", "too few points",
              "all points equal", "picture with no dark pixels", "truncated picture", "not a picture",
-             "unknown suffix", "folder without images", "truncated image in a folder", "--columns for a picture",
+             "unknown suffix", "folder without images", "folder of one image", "truncated image in a folder", "--columns for a picture",
              "classes without subfolders"]
 
 
