@@ -116,8 +116,9 @@ def _read(folder, image_size, channels):
 def _cached(folder, image_size=None, channels=None):
     key = (os.path.abspath(folder), image_size, channels)
     if key not in _cache:
-        _cache.clear()
-        _cache[key] = _read(folder, image_size, channels)
+        found = _read(folder, image_size, channels)
+        _cache.clear()  # kept under the flags as given and as resolved: describe asks one way, load the other
+        _cache[key] = _cache[(key[0], found[2]["image_size"], found[2]["channels"])] = found
     return _cache[key]
 
 
