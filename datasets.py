@@ -330,7 +330,8 @@ def _read_point_file(path, columns):
     names = [str(c) for c in table.columns]
     if columns is None:
         if len(names) == 1:
-            raise DataError(f"{path} has one column; points need two (x and y)")
+            separated = {",": " (separated by commas)", "\t": " (separated by tabs)"}.get(POINT_FILES[suffix], "")
+            raise DataError(f"{path} has one column{separated}; points need two (x and y)")
         if len(names) > 2:
             raise DataError(f"{path} has {len(names)} columns ({', '.join(names)}); choose two with --columns X Y "
                             "(names or 0-based indices)")
