@@ -60,8 +60,9 @@ class NonFiniteLoss(RuntimeError):
 
 def parse(parser, argv, core_error):
     """(config, the flags given on the command line): the flags, what the user's own data adds
-    (datasets.describe), the image defaults for those not given (images/defaults.py), checked before any work: core_error(config) (ddpm.flag_error), the image flags,
-    flag_error below; the first that fails exits with one line and status 2."""
+    (datasets.describe: read and checked here, before any folder exists), the image defaults for those not
+    given (images/defaults.py), checked before any work: core_error(config) (ddpm.flag_error), the image
+    flags, flag_error below; the first that fails exits with one line and status 2."""
     config = vars(parser.parse_args(argv))  # first: -h prints the help with the defaults
     given = cli.flags_given(parser, argv)
     try:  # the user's own data read and checked, what it adds to the config (a units map, image size, ...)

@@ -5,7 +5,7 @@ the user's own images: any size, 1 or 3 channels, as many classes as it has subf
                                   |                   |                     |
     out [B, 1, 28, 28] <--conv-- 28x28 <----up------ 14x14 <-----up------ 7x7
 
-Each upsampling returns to the size of the skip it meets (15 -> 8 -> 15 for a 30-pixel image).
+Each upsampling returns to the size of the skip it meets: any size works (30 -> 15 -> 8 -> 15 -> 30).
 
 Each level has `depth` residual blocks (GroupNorm, SiLU, 3x3 conv, twice), each adding a
 projection of the sinusoidal time embedding (and of the class embedding, when there is one)

@@ -297,3 +297,10 @@ def test_builtin_names_still_win_and_are_listed(tmp_path, capsys, monkeypatch):
     config, _, parser = parse_config(["--dataset", "dino"])
     assert config["dataset"] == "dino" and "data_map" not in config
     assert "8gaussians" in parser.format_help() and "fashion_mnist" in parser.format_help()
+
+
+def test_unet_takes_any_image_size_and_channels():
+    from images import unet
+    for size, channels in ((30, 3), (17, 1), (28, 1)):
+        model = unet.build_unet({"dataset": "folder/", "channels": channels, "unet_channels": 8})
+        assert model(torch.randn(2, channels, size, size), torch.tensor([3, 7])).shape == (2, channels, size, size)
