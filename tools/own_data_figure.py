@@ -3,6 +3,7 @@
     python tools/own_data_figure.py --draw static/own_star.png       # the drawing: a star, black outline, grey inside
     python ddpm.py --dataset static/own_star.png --experiment_name star
     python tools/own_data_figure.py exps/star static/own_data.png     # the drawing beside the run's frames
+    python tools/own_data_figure.py --sprites sprites/                # docs/own_data.md's folder of colour images
 
 The star's inside is grey (darkness 0.5), its outline black: a picture's points fall where it is dark, in
 proportion to how dark, so the inside gets half the density of the outline.
@@ -43,6 +44,24 @@ def draw_star(path, size=240):
     os.remove(path + ".tmp.png")
 
 
+def draw_sprites(folder, n=150, seed=3):
+    """A folder of 16x16 colour PNGs in two classes: discs/ (red on blue) and squares/ (green on yellow)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:16, 0:16]
+    for name in ("discs", "squares"):
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+        for i in range(n):
+            cx, cy, r = rng.uniform(5, 11, 2).tolist() + [rng.uniform(2.5, 4.5)]
+            image = np.zeros((16, 16, 3), np.uint8)
+            if name == "discs":
+                image[:], shape = (30, 60, 200), (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+                image[shape] = (230, 40, 30)
+            else:
+                image[:], shape = (240, 220, 60), (abs(xx - cx) <= r) & (abs(yy - cy) <= r)
+                image[shape] = (20, 150, 40)
+            PIL.Image.fromarray(image).save(os.path.join(folder, name, f"{i:03d}.png"))
+
+
 def figure(experiment, output, picks=(0, 2, 7, -1)):
     """The drawing (left) beside frames `picks` of the run, each titled with its epoch and score / floor."""
     config = json.load(open(os.path.join(experiment, "config.json")))
@@ -71,9 +90,12 @@ def main(argv=None):
     p.add_argument("experiment", nargs="?", help="an experiment trained on a picture")
     p.add_argument("output", nargs="?", help="the figure's PNG")
     p.add_argument("--draw", metavar="PNG", help="only draw the star picture to this file")
+    p.add_argument("--sprites", metavar="FOLDER", help="only write docs/own_data.md's folder of colour sprites")
     args = p.parse_args(argv)
     if args.draw:
         draw_star(args.draw)
+    elif args.sprites:
+        draw_sprites(args.sprites)
     elif args.experiment and args.output:
         figure(args.experiment, args.output)
     else:
