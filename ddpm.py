@@ -403,7 +403,7 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
 def build_parser():
     p = cli.ArgumentParser(prog="ddpm.py", description="Train a denoising diffusion model on 2D points or images.")
     add = p.add_argument
-    add("--dataset", default="dino", choices=datasets.DATASETS, help="what to learn to draw")
+    datasets.add_flags(p)  # --dataset: a built-in name, or a file or folder of your own (and how to read it)
     add("--objective", default="ddpm", choices=FORMULATIONS, help="DDPM (this file), flow matching or EDM (formulations/)")
     add("--dataset_size", type=cli.positive_int, default=8000, help="training points (2D) or images to use")
     add("--train_batch_size", type=cli.positive_int, default=128, help="examples per optimizer step")

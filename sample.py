@@ -40,7 +40,8 @@ def build_parser():
     p.add_argument("--s_churn", type=cli.nonnegative_float, default=None,
                    help="EDM, euler and heun: noise added before each step (default: the experiment's)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same samples")
-    p.add_argument("--label", type=int, default=None, help="class to draw (class-conditional models; default: 0-9 in turn)")
+    p.add_argument("--label", default=None, help="class to draw, by index or (a folder's) class name "
+                   "(class-conditional models; default: every class in turn)")
     p.add_argument("--guidance_scale", type=cli.nonnegative_float, default=None,
                    help="classifier-free guidance weight of a class-conditional model (default: the experiment's)")
     p.add_argument("--autoguidance", type=cli.nonnegative_float, default=None,
@@ -144,6 +145,17 @@ def guidance_for(args, config, conditional, sampler, parser, device):
         parser.error(str(e))
 
 
+def class_index(label, config, num_classes, parser):
+    """The class index of --label: a number, or one of a folder's class names."""
+    names = config.get("class_names")
+    if names and label in names:
+        return names.index(label)
+    if label.lstrip("-").isdigit() and 0 <= int(label) < num_classes:
+        return int(label)
+    parser.error(f"--label {label}: expected 0..{num_classes - 1}" + (f" or a class name ({', '.join(names)})"
+                                                                      if names else ""))
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -165,20 +177,22 @@ def main(argv=None):
     conditional = getattr(model, "num_classes", None) is not None
     if args.label is not None and not conditional:
         parser.error("--label needs a class-conditional experiment (trained with --class_conditional)")
-    if conditional and args.label is not None and not 0 <= args.label < model.num_classes:
-        parser.error(f"--label must be in 0..{model.num_classes - 1}")
+    if conditional and config.get("class_names"):  # a folder's classes: which index is which
+        print("classes: " + ", ".join(f"{i} = {name}" for i, name in enumerate(config["class_names"])))
+    label = class_index(args.label, config, model.num_classes, parser) if args.label is not None else None
     guided = guidance_for(args, config, conditional, sampler, parser, device)
 
     tic = time.time()
     chunk = args.batch_size or frames.chunk_size({**config, "eval_batch_size": args.num_samples})
     samples = frames.draw(formulation, model, args.num_samples, datasets.sample_shape(config), chunk,
-                          torch.Generator(device).manual_seed(args.seed), device, args.label, guidance=guided,
-                          **sampling).numpy()
+                          torch.Generator(device).manual_seed(args.seed), device, label, guidance=guided,
+                          **sampling)
+    samples = datasets.to_data_units(config, samples).numpy()  # a point file's samples in its own units
     seconds = time.time() - tic
     atomic_save_npy(output, samples)
     png = output[:-4] + ".png"
     steps_text = f"{steps or formulation.DEFAULTS.get('num_inference_steps') or config['num_timesteps']} steps"
-    save_samples_png(samples, png, f"{config['dataset']}: {sampler}, {steps_text}")
+    save_samples_png(samples, png, f"{config['dataset']}: {sampler}, {steps_text}", datasets.plot_limits(config))
     print(f"wrote {len(samples)} samples to {output} and {png} ({sampler}, {steps_text}, {seconds:.1f} s)")
     if args.score:
         score = metrics.make_scorer({**config, "eval_batch_size": len(samples)})(samples)

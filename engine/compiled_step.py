@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from images.data import IMAGE_DATASETS
+from datasets import is_image_dataset
 
 
 def wanted(config, device, distributed, total_steps):
@@ -20,7 +20,7 @@ def wanted(config, device, distributed, total_steps):
     ~20 s the first time); on: any single-process 2D run (images/defaults.py refuses it for images)."""
     choice = config.get("compile", "auto")
     if choice == "auto":
-        return device == "cpu" and not distributed and config["dataset"] not in IMAGE_DATASETS and total_steps >= 5000
+        return device == "cpu" and not distributed and not is_image_dataset(config["dataset"]) and total_steps >= 5000
     return choice == "on" and not distributed
 
 

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from datasets import is_image_dataset
 from engine.checkpoints import CheckpointError
-from images.data import IMAGE_DATASETS
 
 
 def pick_device(name, rank=0):
@@ -85,7 +85,7 @@ class Processes:
         # denormal floats (|x| < 1e-38) creep into activations and optimizer states as training goes
         # on and slow x86 CPUs down several times; flushing them to zero changes nothing visible
         torch.set_flush_denormal(True)
-        if self.device == "cpu" and config["dataset"] not in IMAGE_DATASETS and not self.distributed:
+        if self.device == "cpu" and not is_image_dataset(config["dataset"]) and not self.distributed:
             torch.set_num_threads(1)  # the MLP's tiny matrices: a second thread spins against the frame worker
 
     def wrap(self, model):

@@ -53,12 +53,17 @@ class NonFiniteLoss(RuntimeError):
 
 
 def parse(parser, argv, formulations):
-    """(config, the flags given on the command line): the flags, the formulation's defaults (or its paper's,
-    --paper_settings) and the image defaults (images/defaults.py) for those not given, checked before any work:
-    the image flags, flag_error below, the formulation's own check and what it measures (its `prepare`); the
-    first that fails exits with one line and status 2. formulations: ddpm.FORMULATIONS, --objective -> class."""
+    """(config, the flags given on the command line): the flags, what the user's own data adds
+    (datasets.describe: read and checked here, before any folder exists), the formulation's defaults (or its
+    paper's, --paper_settings) and the image defaults (images/defaults.py) for those not given, checked before
+    any work: the image flags, flag_error below, the formulation's own check and what it measures (its
+    `prepare`); the first that fails exits with one line and status 2. formulations: ddpm.FORMULATIONS."""
     config = vars(parser.parse_args(argv))  # first: -h prints the help with the defaults
     given = cli.flags_given(parser, argv)
+    try:  # the user's own data read and checked, what it adds to the config (a units map, image size, ...)
+        config = datasets.describe(config, given)
+    except datasets.DataError as e:
+        parser.error(str(e))
     formulation = formulations[config["objective"]]
     own = formulation.PAPER if config.get("paper_settings") else formulation.DEFAULTS
     config.update({k: v for k, v in own.items() if k not in given})  # before the image defaults that follow them

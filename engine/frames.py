@@ -9,6 +9,7 @@ by (seed, frame index), so a frame is the same whichever process makes it and wh
 reach the worker by name, not as code).
 """
 import concurrent.futures
+import math
 import multiprocessing
 import os
 import signal
@@ -42,8 +43,9 @@ def memory_error(config):
     A 2D frame's score compares every pair of its points with a fresh sample as large (metrics.py): three
     n x n float64 distance matrices; its sampling holds n x hidden_size activations."""
     n = config["eval_batch_size"]
-    if datasets.is_image_dataset(config["dataset"]):
-        need = min(n, 100) * 2_000_000 + n * 28 * 28 * 4 * 3  # a chunk's U-Net activations, the frame itself
+    if datasets.is_image_dataset(config["dataset"]):  # a chunk's U-Net activations, the frame itself (28x28: MNIST)
+        pixels = math.prod(datasets.sample_shape(config))
+        need = min(n, 100) * 2_000_000 * pixels // 784 + n * pixels * 4 * 3
     else:
         need = 8 * n * n + n * config.get("hidden_size", 128) * 4 * 8
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -111,7 +113,7 @@ class FrameMaker:
         self.shape = (config["eval_batch_size"], *datasets.sample_shape(config))
         self.images = os.path.join(exp_dir, "images")
         os.makedirs(self.images, exist_ok=True)
-        self.drawer = plotting.FrameDrawer(datasets.is_image_dataset(config["dataset"]))
+        self.drawer = plotting.FrameDrawer(datasets.is_image_dataset(config["dataset"]), datasets.plot_limits(config))
 
     def __call__(self, frame_index, epoch, state_dict, guide_state=None):
         tic = time.perf_counter()
@@ -123,6 +125,7 @@ class FrameMaker:
                  frame_generator(config["seed"], frame_index, self.device), self.device,
                  guidance=guidance(config, self.guide_model if guide_state is not None else None),
                  **sampling_options(self.formulation, config))
+        x = datasets.to_data_units(config, x)  # a point file's frames in its own units (others: unchanged)
         # class-conditional: the score also says how often the classifier agrees with the requested label
         classes = getattr(self.model, "num_classes", None)
         score = self.scorer(x, torch.arange(n) % classes) if classes else self.scorer(x)

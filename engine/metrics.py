@@ -9,6 +9,10 @@ estimated with all pairs (the V-statistic: within-sample means include the zero 
 For two independent samples of size n from the *same* distribution the estimate is not
 0 but about 2 E|X - X'| / n: that is the noise floor, the best any sampler can score at
 that n. A frame "within 2x the floor" is statistically close to perfect.
+
+A point file (--dataset my_points.csv) has no generator to draw fresh points from: its frames are
+scored against the fifth of the file held out from training (datasets.split_held_out), in the file's
+units, and its floor is what real training points of the file score against those held-out points.
 """
 import numpy as np
 import torch
@@ -56,9 +60,37 @@ def nearest_neighbour_distance(points, reference, chunk=4096):
     return float(torch.cat(nearest).mean())
 
 
+class HeldOutScorer:
+    """Scores samples of a point file, in the file's units, against the points held out from training.
+
+    The frame's first m samples (m = the frame's size, at most the training points there are) against
+    all held-out points; the floor: m real training points against the same held-out points, the mean
+    over `floor_repeats` draws. Both compare sets of the same sizes, so the floor is what a sampler that
+    draws exactly the file's distribution would score."""
+
+    def __init__(self, config, floor_repeats=8):
+        train, self.reference = datasets.point_file_split(config)
+        self.n = min(config["eval_batch_size"], len(train))
+        rng = np.random.default_rng(config["seed"] + 20_000)
+        self.floor = float(np.mean([energy_distance(train[rng.choice(len(train), self.n, replace=False)], self.reference)
+                                    for _ in range(floor_repeats)]))
+
+    def __call__(self, samples):
+        samples = torch.as_tensor(samples).detach().cpu()[:self.n]
+        score = energy_distance(samples, self.reference) if torch.isfinite(samples).all() else float("inf")
+        return {"score": score, "floor": self.floor}
+
+
 def make_scorer(config):
-    """The sample-quality scorer for a run's dataset (images: classifier.ImageScorer)."""
-    if datasets.is_image_dataset(config["dataset"]):
+    """The sample-quality scorer for a run's dataset (images: classifier.ImageScorer; a folder of images:
+    folder.FolderScorer; a point file: HeldOutScorer)."""
+    kind = datasets.data_kind(config["dataset"])
+    if kind == "images":
         from images import classifier
         return classifier.ImageScorer(config)
+    if kind == "image_folder":
+        from images import folder
+        return folder.FolderScorer(config)
+    if kind == "point_file":
+        return HeldOutScorer(config)
     return PointScorer(config["dataset"], config["eval_batch_size"], config["seed"])

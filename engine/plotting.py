@@ -17,12 +17,15 @@ LIMIT = 6  # 2D frames show [-6, 6]^2, like the classic
 
 
 def image_grid(images, ncols=None):
-    """[n, H, W] in [-1, 1] -> one [rows*H, cols*W] array in [0, 1], 1-pixel gaps."""
+    """[n, H, W] or [n, C, H, W] (C = 1 grey, 3 colour) in [-1, 1] -> one [rows*H, cols*W] array (colour:
+    [rows*H, cols*W, 3]) in [0, 1], 1-pixel white gaps."""
     images = np.clip((np.asarray(images) + 1) / 2, 0, 1)
-    n, h, w = images.shape
+    if images.ndim == 4:  # channels last for imshow; one channel: plain grey
+        images = images[:, 0] if images.shape[1] == 1 else images.transpose(0, 2, 3, 1)
+    n, h, w = images.shape[:3]
     ncols = ncols or int(np.ceil(np.sqrt(n)))
     nrows = int(np.ceil(n / ncols))
-    grid = np.ones((nrows * (h + 1) - 1, ncols * (w + 1) - 1), dtype=np.float32)
+    grid = np.ones((nrows * (h + 1) - 1, ncols * (w + 1) - 1, *images.shape[3:]), dtype=np.float32)
     for i, image in enumerate(images):
         r, c = divmod(i, ncols)
         grid[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = image
@@ -32,7 +35,8 @@ def image_grid(images, ncols=None):
 class FrameDrawer:
     """Draws frames into PNGs with one reused figure: a scatter for points, a grid for images."""
 
-    def __init__(self, is_image=False, max_images=100):
+    def __init__(self, is_image=False, limits=((-LIMIT, LIMIT), (-LIMIT, LIMIT)), max_images=100):
+        """limits: the axes of frames of points, ((x_lo, x_hi), (y_lo, y_hi)); a point file's are in its units."""
         self.is_image, self.max_images = is_image, max_images
         self.fig, self.ax = plt.subplots(figsize=(5, 5), dpi=80)
         if is_image:
@@ -40,8 +44,8 @@ class FrameDrawer:
             self.ax.axis("off")
         else:
             self.artist = self.ax.scatter([], [], s=4, alpha=0.6, linewidths=0)
-            self.ax.set_xlim(-LIMIT, LIMIT)
-            self.ax.set_ylim(-LIMIT, LIMIT)
+            self.ax.set_xlim(*limits[0])
+            self.ax.set_ylim(*limits[1])
             self.ax.set_aspect("equal")
         self.title = self.ax.set_title("epoch 0")  # tight_layout leaves room for a title
         self.fig.tight_layout()
@@ -53,7 +57,8 @@ class FrameDrawer:
     def draw(self, frame, path, title=""):
         self.title.set_text(title)
         if self.is_image:
-            grid = image_grid(frame[:self.max_images].reshape(-1, *frame.shape[-2:]))
+            grid = image_grid(frame[:self.max_images] if frame.ndim == 4 else frame[:self.max_images].reshape(
+                -1, *frame.shape[-2:]))
             self.artist.set_data(grid)
             self.artist.set_extent((0, grid.shape[1], grid.shape[0], 0))
             self.ax.set_xlim(0, grid.shape[1])
@@ -100,17 +105,17 @@ def draw_loss(losses, path):
     plt.close(fig)
 
 
-def save_samples_png(samples, path, title=""):
-    """A PNG of samples: a scatter for points [n, 2], a grid for images [n, (1,) H, W]."""
+def save_samples_png(samples, path, title="", limits=((-LIMIT, LIMIT), (-LIMIT, LIMIT))):
+    """A PNG of samples: a scatter for points [n, 2] within `limits`, a grid for images [n, (C,) H, W]."""
     samples = np.asarray(samples)
     if samples.ndim == 2:
         fig, ax = plt.subplots(figsize=(5, 5), dpi=80)
         ax.scatter(samples[:, 0], samples[:, 1], s=4, alpha=0.6, linewidths=0)
-        ax.set_xlim(-LIMIT, LIMIT)
-        ax.set_ylim(-LIMIT, LIMIT)
+        ax.set_xlim(*limits[0])
+        ax.set_ylim(*limits[1])
         ax.set_aspect("equal")
     else:
-        grid = image_grid(samples.reshape(-1, *samples.shape[-2:]))
+        grid = image_grid(samples)
         fig, ax = plt.subplots(figsize=(grid.shape[1] / 40, grid.shape[0] / 40), dpi=80)
         ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.axis("off")

@@ -72,7 +72,8 @@ def apply(config, given):
     ddpm = config.get("objective", "ddpm") == "ddpm"  # flow matching and EDM keep their own sampler and loss
     config = {**config, **{k: v for k, v in DEFAULTS.items() if k not in given and (ddpm or k not in DDPM_ONLY)}}
     if "num_epochs" not in given:
-        n = min(config["dataset_size"], image_data.count_images(config) or config["dataset_size"])
+        n = min(config["dataset_size"], config.get("image_count") or image_data.count_images(config)
+                or config["dataset_size"])  # image_count: a folder's (datasets.describe)
         config["num_epochs"] = max(1, round(IMAGES_SEEN / n))
     if config["class_conditional"] and "autoguidance" not in given:
         config["autoguidance"] = 1.0  # class-conditional runs have classifier-free guidance instead

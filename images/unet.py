@@ -1,8 +1,11 @@
-"""A small U-Net for 28x28 images: the denoiser for --dataset mnist / fashion_mnist.
+"""A small U-Net for 28x28 images: the denoiser for --dataset mnist / fashion_mnist (and for a folder of
+the user's own images: any size, 1 or 3 channels, as many classes as it has subfolders).
 
     x [B, 1, 28, 28] --conv--> 28x28 (C) --down--> 14x14 (2C) --down--> 7x7 (2C, attention)
                                   |                   |                     |
     out [B, 1, 28, 28] <--conv-- 28x28 <----up------ 14x14 <-----up------ 7x7
+
+Each upsampling returns to the size of the skip it meets: any size works (30 -> 15 -> 8 -> 15 -> 30).
 
 Each level has `depth` residual blocks (GroupNorm, SiLU, 3x3 conv, twice), each adding a
 projection of the sinusoidal time embedding (and of the class embedding, when there is one)
@@ -98,7 +101,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 
-    def forward(self, x, t, y=None):  # x [B, 1, 28, 28], t [B], y [B] or None -> [B, 1, 28, 28]
+    def forward(self, x, t, y=None):  # x [B, C, H, W], t [B], y [B] or None -> [B, C, H, W]
         emb = self.time_mlp(self.time_embedding(t))  # [B, E]
         if self.class_emb is not None:
             if y is None:
@@ -117,8 +120,8 @@ class UNet(nn.Module):
         for level, blocks in enumerate(self.up):
             for block in blocks:
                 h = block(torch.cat([h, skips.pop()], dim=1), emb)
-            if level < len(self.upsample):
-                h = self.upsample[level](F.interpolate(h, scale_factor=2, mode="nearest"))
+            if level < len(self.upsample):  # nearest-neighbour to the next skip's size: x2, or x2 - 1 after odd
+                h = self.upsample[level](F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
         return self.head(h)
 
 
@@ -129,4 +132,5 @@ def build_unet(config):
     torch.set_flush_denormal(True)
     return UNet(channels=config.get("unet_channels", 32), channel_mult=tuple(config.get("unet_mult", (1, 2, 2))),
                 depth=config.get("unet_depth", 1), attention=config.get("unet_attention") is not False,
-                num_classes=10 if config.get("class_conditional") else None)
+                num_classes=len(config.get("class_names") or range(10)) if config.get("class_conditional") else None,
+                in_channels=config.get("channels") or 1)  # MNIST: 10 classes, 1 channel; a folder: its own

@@ -221,13 +221,13 @@ def test_a_tiny_run_of_each_objective_writes_its_outputs_and_sample_py_draws_fro
     result = train(tmp_path, objective, *TINY, "--objective", objective, "--num_inference_steps", "4")
     assert result.returncode == 0, result.stderr[-2000:]
     config, loss, frames = outputs(tmp_path / objective)
-    assert config["objective"] == objective and config["sampler"] == "heun"
+    assert config["objective"] == objective and config["sampler"] == "dpmpp_2m_sde"  # their 2D default (docs)
     assert loss.shape == (24,) and np.isfinite(loss).all() and frames.shape == (3, 64, 2)
     if objective == "edm":  # measured from the training data, kept for sampling
         import datasets
         points = datasets.get_dataset("dino", 256, seed=0)
         assert config["sigma_data"] == pytest.approx(float(points.double().std()), rel=1e-6)
-    for sampler, steps in (("euler", 3), ("heun", 2)):
+    for sampler, steps in (("euler", 3), ("heun", 2), ("dpmpp_2m_sde", 3)):
         out = tmp_path / f"{sampler}.npy"
         drawn = run_tool("sample.py", tmp_path / objective, "--sampler", sampler, "--num_inference_steps", steps,
                          "--num_samples", 10, "--output", out)
