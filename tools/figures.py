@@ -190,7 +190,7 @@ FORMULATION_COLUMNS = ["deterministic, ~20 evaluations", "stochastic, ~20", "sto
 FORMULATION_SAMPLERS = {  # per formulation, its best sampler and steps in each column (docs/formulations.md)
     "ddpm": (("dpmpp_2m", 20), ("dpmpp_2m_sde", 20), ("dpmpp_2m_sde", 10)),
     "flow": (("dpmpp_2m", 20), ("dpmpp_2m_sde", 20), ("dpmpp_2m_sde", 10)),
-    "edm": (("heun", 10), ("dpmpp_2m_sde", 20), ("dpmpp_2m_sde", 10))}
+    "edm": (("dpmpp_2m", 20), ("dpmpp_2m_sde", 20), ("dpmpp_2m_sde", 10))}
 FORMULATION_NAMES = {"ddpm": "DDPM", "flow": "flow matching", "edm": "EDM"}
 
 
