@@ -19,8 +19,8 @@ and table numbers are the paper's (arXiv:2206.00364):
                     with Heun's method (their Algorithm 1) or Euler's (extensions/ode.py), on the grid
                     sigma_i = (smax^(1/rho) + i / (N - 1) (smin^(1/rho) - smax^(1/rho)))^rho, rho = 7,
                     and sigma_N = 0                                                               (eq. 5)
-                    smax: --sigma_max, by default 5, inside the trained levels (1.1% of them lie above; the
-                    paper's 80 lies where the network never trained); --s_churn adds noise before
+                    smax: --sigma_max, by default the top of the trained levels, exp(P_mean + 3 P_std) = 11
+                    (the paper's 80 lies where the network never trained); --s_churn adds noise before
                     each step, their stochastic sampler (Algorithm 2, S_tmin = 0, S_tmax = inf, S_noise = 1);
                     or DDIM / DPM-Solver++(2M) on the path alpha = 1, sigma (extensions/dpm_solver.py)
 The network sees c_noise as 1000 c_noise, the scale its sinusoidal embedding has for DDPM's timesteps.
@@ -35,12 +35,12 @@ from extensions import dpm_solver, guidance as guided, ode
 
 P_MEAN, P_STD = -1.2, 1.2
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0   # the paper's grid (eq. 5)
-TRAINED_SIGMA_MAX = 5.0  # the grid's top by default: 1.1% of the training levels lie above it (docs/formulations.md)
+TRAINED_SIGMA_MAX = math.exp(P_MEAN + 3 * P_STD)  # 11.0, the grid's top by default: 0.13% of the training levels lie above
 
 
 def add_flags(parser):
     parser.add_argument("--sigma_max", type=cli.positive_float, default=None, help="--objective edm: the noise "
-                        f"level its sampling grid starts at (default: {TRAINED_SIGMA_MAX:g}, inside the trained levels; "
+                        f"level its sampling grid starts at (default: {TRAINED_SIGMA_MAX:.0f}, the top of the trained levels; "
                         f"the paper's {SIGMA_MAX:g}: --paper_settings)")
     parser.add_argument("--s_churn", type=cli.nonnegative_float, default=None, help="--objective edm, euler and heun: "
                         "S_churn of their stochastic sampler, noise added before each step (0: deterministic)")
