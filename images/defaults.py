@@ -28,6 +28,8 @@ GUIDE_FRACTION = 0.22  # autoguidance's guide: the EMA weights after this share 
 GUIDANCE_INTERVAL = (0.45, 0.86)  # autoguidance at these shares of T only: 450 <= t <= 859 of 1000 (docs/mnist.md)
 AUTOGUIDED_STEPS = 40  # an autoguided frame: 40 DDIM steps, 16 of them guided: 56 network evaluations (docs/mnist.md)
 DDPM_ONLY = ("beta_schedule", "prediction", "min_snr_gamma", "sampler", "num_inference_steps", "eta")
+# flow matching and EDM on images: the samplers measured on MNIST (docs/formulations.md), not their 2D defaults
+OTHER_FORMULATIONS = {"sampler": "heun", "num_inference_steps": 25, "sigma_max": 80.0}
 
 
 def add_flags(parser):
@@ -71,6 +73,8 @@ def apply(config, given):
         return config
     ddpm = config.get("objective", "ddpm") == "ddpm"  # flow matching and EDM keep their own sampler and loss
     config = {**config, **{k: v for k, v in DEFAULTS.items() if k not in given and (ddpm or k not in DDPM_ONLY)}}
+    if not ddpm:
+        config.update({k: v for k, v in OTHER_FORMULATIONS.items() if k not in given})
     if "num_epochs" not in given:
         n = min(config["dataset_size"], config.get("image_count") or image_data.count_images(config)
                 or config["dataset_size"])  # image_count: a folder's (datasets.describe)
