@@ -81,16 +81,36 @@ class HeldOutScorer:
         return {"score": score, "floor": self.floor}
 
 
+class FolderScorer:
+    """scorer(frame [n, C, S, S]) -> {"score", "floor"}: the energy distance in pixel space to a fixed half
+    of the folder, and the floor that real images of the folder's other half score (images/folder.py explains why)."""
+
+    def __init__(self, config, floor_repeats=4):
+        from images import folder
+        images, _ = folder.load(config["dataset"], config["image_size"], config["channels"])
+        flat = images.reshape(len(images), -1).double()
+        self.n = min(config["eval_batch_size"], len(flat) // 2)  # frames are scored on their first n samples
+        order = torch.from_numpy(np.random.default_rng(config["seed"] + 10_000).permutation(len(flat)))
+        self.reference, rest = flat[order[:self.n]], flat[order[self.n:]]
+        rng = np.random.default_rng(config["seed"] + 20_000)
+        self.floor = float(np.mean([energy_distance(rest[torch.from_numpy(rng.choice(len(rest), self.n, replace=False))],
+                                                    self.reference) for _ in range(floor_repeats)]))
+
+    def __call__(self, frame, labels=None):
+        frame = torch.as_tensor(frame).reshape(len(frame), -1)[:self.n].double()
+        score = energy_distance(frame, self.reference) if torch.isfinite(frame).all() else float("inf")
+        return {"score": score, "floor": self.floor}
+
+
 def make_scorer(config):
     """The sample-quality scorer for a run's dataset (images: classifier.ImageScorer; a folder of images:
-    folder.FolderScorer; a point file: HeldOutScorer)."""
+    FolderScorer; a point file: HeldOutScorer)."""
     kind = datasets.data_kind(config["dataset"])
     if kind == "images":
         from images import classifier
         return classifier.ImageScorer(config)
     if kind == "image_folder":
-        from images import folder
-        return folder.FolderScorer(config)
+        return FolderScorer(config)
     if kind == "point_file":
         return HeldOutScorer(config)
     return PointScorer(config["dataset"], config["eval_batch_size"], config["seed"])

@@ -10,7 +10,7 @@ Every image is laid on white where it is transparent, cropped to its centre squa
 else 32). It keeps three channels unless every image is grey (R = G = B at every pixel), or --channels
 says otherwise. The values run from -1 (black) to 1 (white), as MNIST's do.
 
-The score of a frame (FolderScorer): there is no classifier for the user's images, and none is invented.
+The score of a frame (engine.metrics.FolderScorer): there is no classifier for the user's images, and none is invented.
 It is the 2D score's energy distance (engine/metrics.py) with each image one point in pixel space: the
 frame's images against a fixed random half of the folder, over a floor, the same distance for the other
 images of the folder against that half. It measures how close the samples' spread of pixels is to the
@@ -151,25 +151,3 @@ def load(folder, image_size, channels):
     shuffled order."""
     images, labels, _ = _cached(folder, image_size, channels)
     return images, labels
-
-
-class FolderScorer:
-    """scorer(frame [n, C, S, S]) -> {"score", "floor"}: the energy distance in pixel space to a fixed half
-    of the folder, and the floor that real images of the folder's other half score (module docstring)."""
-
-    def __init__(self, config, floor_repeats=4):
-        from engine.metrics import energy_distance
-        self.distance = energy_distance
-        images, _ = load(config["dataset"], config["image_size"], config["channels"])
-        flat = images.reshape(len(images), -1).double()
-        self.n = min(config["eval_batch_size"], len(flat) // 2)  # frames are scored on their first n samples
-        order = torch.from_numpy(np.random.default_rng(config["seed"] + 10_000).permutation(len(flat)))
-        self.reference, rest = flat[order[:self.n]], flat[order[self.n:]]
-        rng = np.random.default_rng(config["seed"] + 20_000)
-        self.floor = float(np.mean([energy_distance(rest[torch.from_numpy(rng.choice(len(rest), self.n, replace=False))],
-                                                    self.reference) for _ in range(floor_repeats)]))
-
-    def __call__(self, frame, labels=None):
-        frame = torch.as_tensor(frame).reshape(len(frame), -1)[:self.n].double()
-        score = self.distance(frame, self.reference) if torch.isfinite(frame).all() else float("inf")
-        return {"score": score, "floor": self.floor}
