@@ -55,6 +55,10 @@ def evaluate(experiment_dir, n=1000, num_seeds=5, sweep=False, samplers=None, op
     not given are the experiment's where it set them, else each sampler's default. sigma_max: EDM's grid top
     instead of the experiment's (it changes no training)."""
     model, formulation, config = load_experiment(experiment_dir)
+    if datasets.data_kind(config["dataset"]) not in ("points", "picture"):  # fresh data to score against
+        raise CheckpointError(f"{experiment_dir} learned {config['dataset']}: evaluate.py scores against fresh "
+                              "draws, which only the built-in 2D sets and pictures have (sample.py --score scores a "
+                              "point file against its held-out points)")
     if sigma_max is not None:
         if "sigma_max" not in formulation.FLAGS:
             raise CheckpointError(f"--sigma_max is for EDM experiments; {experiment_dir} is not one")
