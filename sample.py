@@ -36,7 +36,8 @@ def build_parser():
     p.add_argument("--eta", type=cli.nonnegative_float, default=None, help="noise of ddim / dpmpp_2m_sde "
                    "(default: the experiment's, else the sampler's own)")
     p.add_argument("--timestep_spacing", choices=ddpm.SPACINGS, default=None,
-                   help="DDPM: timesteps of a few-step sampler (default: the experiment's, else the sampler's own)")
+                   help="DDPM and flow: the times a few-step sampler visits (default: the experiment's, else the sampler's "
+                        "own)")
     p.add_argument("--s_churn", type=cli.nonnegative_float, default=None,
                    help="EDM, euler and heun: noise added before each step (default: the experiment's)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same samples")

@@ -32,7 +32,7 @@ SPACINGS = ("uniform", "quadratic")  # the sampling grid: t_i = 1 - i/n, or (1 -
 
 def add_flags(parser):
     parser.add_argument("--flow_time", default=TIMES[0], choices=TIMES, help="--objective flow: its training times "
-                        "before the low-noise share, uniform or logit-normal(0, 1) (SD3's)")
+                        "before the low-noise share, uniform or logit-normal(0, 1) (SD3's; image runs' default)")
 
 
 class FlowMatching:
