@@ -305,7 +305,7 @@ class DDPM(NoiseScheduler):
     def sampling_error(sampler, num_inference_steps, num_timesteps):
         """Why DDPM can't sample so, in one line; None if it can (the command line asks here too)."""
         if sampler not in SAMPLERS:
-            return f"--sampler {sampler} is not one of --objective ddpm's: {', '.join(SAMPLERS)}"
+            return cli.sampler_error("ddpm", sampler, SAMPLERS)
         if num_inference_steps is not None and num_inference_steps > num_timesteps:
             return f"--num_inference_steps {num_inference_steps} exceeds the diffusion's T = {num_timesteps} timesteps"
         if sampler == "ddpm" and num_inference_steps not in (None, num_timesteps):

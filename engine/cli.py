@@ -51,6 +51,13 @@ closed_unit_interval = number(float, 0, True, 1, True, what="a number in [0, 1]"
 ema_range = number(float, 0, low_inclusive=True, high=1, what="in [0, 1)")
 
 
+def sampler_error(objective, sampler, samplers):
+    """Why --objective OBJECTIVE can't sample with --sampler SAMPLER, in one line; None if it can."""
+    if sampler not in samplers:
+        return f"--sampler {sampler} is not one of --objective {objective}'s: {', '.join(samplers)}"
+    return None
+
+
 def flags_given(parser, argv):
     """The destinations of the flags that argv itself sets (not the parser's defaults)."""
     spy = copy.deepcopy(parser)

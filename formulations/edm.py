@@ -80,10 +80,8 @@ class EDM:
         return config
 
     @staticmethod
-    def sampling_error(sampler, num_inference_steps, num_timesteps):
-        if sampler not in EDM.SAMPLERS:
-            return f"--sampler {sampler} is not one of --objective edm's: {', '.join(EDM.SAMPLERS)}"
-        return None
+    def sampling_error(sampler, num_inference_steps, num_timesteps):  # any number of steps will do
+        return cli.sampler_error("edm", sampler, EDM.SAMPLERS)
 
     def preconditioning(self, sigma):
         """(c_skip, c_out, c_in, c_noise) of Table 1 for sigma [B] (or [1]), shaped to broadcast like sigma."""

@@ -24,6 +24,7 @@ The network sees the time as 1000 t, the scale its sinusoidal embedding has for 
 import torch
 import torch.nn.functional as F
 
+from engine import cli
 from extensions import dpm_solver, guidance as guided, ode, spacing
 
 TIMES = ("uniform", "logit_normal")
@@ -58,10 +59,8 @@ class FlowMatching:
         return config
 
     @staticmethod
-    def sampling_error(sampler, num_inference_steps, num_timesteps):
-        if sampler not in FlowMatching.SAMPLERS:
-            return f"--sampler {sampler} is not one of --objective flow's: {', '.join(FlowMatching.SAMPLERS)}"
-        return None
+    def sampling_error(sampler, num_inference_steps, num_timesteps):  # any number of steps will do
+        return cli.sampler_error("flow", sampler, FlowMatching.SAMPLERS)
 
     def add_noise(self, x_start, noise, t):
         """x_t = (1 - t) x_0 + t eps, t [B] broadcast over the trailing dimensions."""
