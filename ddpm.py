@@ -16,8 +16,8 @@ Where things live (equation numbers are those of the DDPM paper, arXiv:2006.1123
   train()                      the training loop                             Algorithm 1
 
 Data may have any shape [B, ...]. Everything else has its own room, called from here by one named call:
-formulations/ (flow matching, EDM: --objective), extensions/ (DPM-Solver++, spacings, guidance, Min-SNR,
-ODE solvers), images/, engine/ (the run's machinery).
+formulations/ (flow matching, EDM, reflow, MeanFlow: --objective), extensions/ (DPM-Solver++, spacings, guidance,
+Min-SNR, ODE solvers), images/, engine/ (the run's machinery).
 """
 import copy
 import functools
@@ -32,7 +32,6 @@ import datasets
 import formulations
 from engine import cli, compiled_step, ddp, experiment, optim
 from extensions import dpm_solver, guidance as guided, min_snr, spacing
-from formulations import edm, flow
 from images import defaults as image_defaults
 from positional_embeddings import make_embedding, make_point_embedding
 
@@ -238,9 +237,10 @@ class MLP(nn.Module):
     """The network of 2D runs: embed the point and t, concatenate, then an MLP (defaults: the dino run's)."""
 
     def __init__(self, hidden_size=128, hidden_layers=3, embedding_size=128, num_timesteps=200,
-                 time_embedding="sinusoidal", input_embedding="fourier", input_scale=200.0):
+                 time_embedding="sinusoidal", input_embedding="fourier", input_scale=200.0, time_inputs=1):
         super().__init__()
-        self.time_embedding = make_embedding(time_embedding, embedding_size, max_value=num_timesteps)
+        # time_inputs 2: MeanFlow's network sees two times, (t, t - r), each with its own embedding
+        self.time_embedding = make_embedding(time_embedding, embedding_size, max_value=num_timesteps, times=time_inputs)
         # Fourier features of the point (Tancik et al. 2020): input_scale, the largest frequency, sets the finest detail
         self.input_embedding = make_point_embedding(input_embedding, embedding_size, input_scale)
         in_size = self.input_embedding.output_size + self.time_embedding.output_size
@@ -249,7 +249,7 @@ class MLP(nn.Module):
         layers.append(nn.Linear(hidden_size, 2))
         self.joint_mlp = nn.Sequential(*layers)
 
-    def forward(self, x, t):  # x: [B, 2], t: [B], or [1] for one timestep shared by all B -> [B, 2]
+    def forward(self, x, t):  # x: [B, 2], t: [B] (or [B, 2]), or [1] for one timestep shared by all B -> [B, 2]
         point = self.input_embedding(x)                                     # [B, P]
         if len(t) > 1:  # training: a timestep per point
             return self.joint_mlp(torch.cat([point, self.time_embedding(t)], dim=-1))
@@ -268,7 +268,7 @@ def build_model(config):
         return unet.build_unet(config)
     return MLP(config["hidden_size"], config["hidden_layers"], config["embedding_size"],
                config["num_timesteps"], config["time_embedding"], config["input_embedding"],
-               config.get("input_scale", 25.0))  # configs from before --input_scale: 25
+               config.get("input_scale", 25.0), config.get("time_inputs", 1))  # before --input_scale: 25
 
 
 # ---- The loss and one optimizer step -------------------------------------------------------
@@ -285,14 +285,12 @@ def diffusion_loss(net, x_start, noise, t, labels=None, *, scheduler, precision=
     return F.mse_loss(prediction.float(), target)                    # eq. 14, the simple loss
 
 
-class DDPM(NoiseScheduler):
-    """DDPM as a formulation (formulations/__init__.py): the schedule of a config dict with Algorithm 1's training
-    times and loss, Algorithm 2's sampler and the few-step ones. Flow matching and EDM are its peers."""
+class DDPM(NoiseScheduler, formulations.Formulation):
+    """DDPM as a formulation (formulations/interface.py): the schedule of a config dict with Algorithm 1's training
+    times and loss, Algorithm 2's sampler and the few-step ones. Flow matching, EDM, reflow, MeanFlow are its peers."""
     SAMPLERS, SAMPLING_FLAGS = SAMPLERS, ("sampler", "num_inference_steps", "eta", "timestep_spacing")
     FLAGS = ("beta_schedule", "beta_start", "beta_end", "prediction", "min_snr_gamma", "timestep_spacing")
     DEFAULTS, PAPER = {}, {"low_noise_fraction": 0.0, "sampler": "ddpm"}  # the parser's; Algorithm 1's uniform t
-
-    prepare = staticmethod(lambda config: config)  # nothing to measure before a run
 
     def __init__(self, config, device="cpu"):  # configs from before --clip_sample: images at 1, points none
         clip = config.get("clip_sample", 1.0 if datasets.is_image_dataset(config["dataset"]) else 0.0)
@@ -330,7 +328,7 @@ class DDPM(NoiseScheduler):
         return sample(model, self, shape, precision=self.precision, **sampling)
 
 
-FORMULATIONS = {"ddpm": DDPM, "flow": flow.FlowMatching, "edm": edm.EDM}  # --objective: formulations/
+FORMULATIONS = {"ddpm": DDPM, **formulations.OTHERS}  # --objective: flow, edm, reflow, meanflow (formulations/)
 
 
 def training_step(net, loss_function, optimizer, x_start, noise, t, labels=None):
@@ -353,9 +351,9 @@ def train(config, exp_dir, resume=False, log=print, rank=0, world_size=1):
     ranks = ddp.Processes(rank, world_size, config)  # the device and threads; under torchrun, this rank
     device = ranks.device
     torch.manual_seed(config["seed"])  # model initialisation: the same on every rank
-    data, labels = datasets.load_training_data(config, device)          # [N, ...], [N] or None
-    Formulation = FORMULATIONS[config.get("objective", "ddpm")]  # DDPM (above), flow matching or EDM
+    Formulation = FORMULATIONS[config.get("objective", "ddpm")]  # DDPM (above), or one of formulations/
     formulation, model = Formulation(config, device), build_model(config).to(device)
+    data, labels = formulation.training_data(model, *datasets.load_training_data(config, device))  # [N, ...], [N]
     ema_model = copy.deepcopy(model).requires_grad_(False) if config["ema_decay"] > 0 else None
     weights, ema_weights = list(model.parameters()), (list(ema_model.parameters()) if ema_model else None)
     # fused AdamW: one kernel for all parameters instead of a dozen small ops per tensor
@@ -404,7 +402,8 @@ def build_parser():
     p = cli.ArgumentParser(prog="ddpm.py", description="Train a denoising diffusion model on 2D points or images.")
     add = p.add_argument
     datasets.add_flags(p)  # --dataset: a built-in name, or a file or folder of your own (and how to read it)
-    add("--objective", default="ddpm", choices=FORMULATIONS, help="DDPM (this file), flow matching or EDM (formulations/)")
+    add("--objective", default="ddpm", choices=FORMULATIONS,
+        help="DDPM (this file), or flow matching, EDM, reflow, MeanFlow (formulations/)")
     add("--dataset_size", type=cli.positive_int, default=8000, help="training points (2D) or images to use")
     add("--train_batch_size", type=cli.positive_int, default=128, help="examples per optimizer step")
     add("--eval_batch_size", type=cli.positive_int, default=1000, help="samples drawn per frame")

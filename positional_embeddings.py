@@ -112,8 +112,23 @@ class ZeroEmbedding(nn.Module):
 EMBEDDINGS = ("sinusoidal", "learnable", "linear", "identity", "zero")
 
 
-def make_embedding(kind: str, size: int, scale: float = 1.0, max_value: float = 1.0) -> nn.Module:
-    """Build an embedding by name. `scale` is used by sinusoidal and linear, `max_value` by learnable."""
+class SeveralTimes(nn.Module):
+    """Several scalars [B, k] (MeanFlow's t and t - r), each embedded by its own embedding, side by side."""
+
+    def __init__(self, embeddings):
+        super().__init__()
+        self.embeddings = nn.ModuleList(embeddings)
+        self.output_size = sum(e.output_size for e in embeddings)
+
+    def forward(self, x):  # [B, k] -> [B, output_size]
+        return torch.cat([embed(x[:, i]) for i, embed in enumerate(self.embeddings)], dim=-1)
+
+
+def make_embedding(kind: str, size: int, scale: float = 1.0, max_value: float = 1.0, times: int = 1) -> nn.Module:
+    """Build an embedding by name. `scale` is used by sinusoidal and linear, `max_value` by learnable.
+    times k > 1: an embedding of k scalars [B, k], each its own (SeveralTimes)."""
+    if times > 1:
+        return SeveralTimes([make_embedding(kind, size, scale, max_value) for _ in range(times)])
     if kind == "sinusoidal":
         return SinusoidalEmbedding(size, scale)
     if kind == "learnable":

@@ -72,7 +72,7 @@ def parse(parser, argv, formulations):
     if error:
         parser.error(error)
     try:
-        config = formulation.prepare(config)  # EDM measures sigma_data; config.json keeps it
+        config = formulation.prepare(config, given)  # EDM measures sigma_data, reflow reads its teacher
         formulation(config)  # built once: a schedule that can't be made is a ValueError
     except (ValueError, datasets.DataError) as e:
         parser.error(str(e))

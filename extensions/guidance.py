@@ -42,7 +42,7 @@ def model_prediction(model, x, t, labels=None, guidance_scale=1.0, guide=None):
         return out, out
     else:
         null = torch.full_like(labels, model.null_label)
-        t = t.expand(len(x))  # t may be [1], shared by the batch
+        t = t.expand(len(x), *t.shape[1:])  # t may be [1] (or [1, 2]), shared by the batch
         out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
         strong, weak = out.chunk(2)
     return weak + guidance_scale * (strong - weak), strong

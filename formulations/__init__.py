@@ -2,44 +2,18 @@
 
 DDPM is the story ddpm.py tells (ddpm.DDPM); the others live here, one file each, their equations cited:
   flow.py   flow matching on the straight path (Lipman et al. 2023, Liu et al. 2023, Esser et al. 2024)
-  edm.py    EDM's preconditioned denoiser (Karras et al. 2022)
-Each implements `Formulation` below, and that is all ddpm.train, the frames and sample.py ask of it:
+  edm.py       EDM's preconditioned denoiser (Karras et al. 2022)
+  reflow.py    a trained flow retrained on its own (noise, sample) pairs: straight paths (Liu et al. 2023)
+  meanflow.py  the average velocity over an interval: one-step sampling from scratch (Geng et al. 2025)
+Each implements `Formulation` (interface.py), and that is all ddpm.train, the frames and sample.py ask of it:
 ddpm.FORMULATIONS maps --objective to the class, and nothing else asks which formulation it has.
 """
-from typing import Protocol
-
 from engine import cli
 from extensions import dpm_solver
-from formulations import edm, flow
+from formulations import edm, flow, meanflow, reflow
+from formulations.interface import Formulation  # noqa: F401 (ddpm.DDPM implements it)
 
-
-class Formulation(Protocol):
-    """Built from a run's config: Formulation(config, device)."""
-    SAMPLERS: tuple        # the --sampler names it samples with
-    FLAGS: tuple           # the flags only it reads (others refuse them), e.g. ("flow_time",)
-    SAMPLING_FLAGS: tuple  # the keywords of its sample() besides those below, e.g. ("sampler", "num_inference_steps")
-    DEFAULTS: dict         # its own defaults for flags not given (2D runs; images/defaults.py has the image ones)
-    PAPER: dict            # its paper's settings, for --paper_settings
-    num_timesteps: int     # T: --guidance_interval LO HI is given in 0 .. T-1 for every formulation
-
-    @staticmethod
-    def prepare(config):
-        """config with what it measures from the data before a run (EDM's sigma_data), or ValueError."""
-
-    def sample_timesteps(self, n, generator, device="cpu"):
-        """Training times [n], in its own time variable (DDPM's t, flow's t, EDM's sigma)."""
-
-    def loss(self, net, x_start, noise, t, labels=None):
-        """The loss of a batch x_start [B, ...] with noise [B, ...] at times t [B]: a scalar tensor."""
-
-    def sample(self, model, shape, *, generator=None, device="cpu", labels=None, guidance=None, trajectory=False,
-               **sampling):
-        """From noise to data: x_0 of `shape` [B, ...] (trajectory: every step's x too). sampling: its
-        SAMPLING_FLAGS; one that can't be used raises ValueError(sampling_error(...))."""
-
-    @staticmethod
-    def sampling_error(sampler, num_inference_steps, num_timesteps):
-        """Why it can't sample so, in one line; None if it can."""
+OTHERS = {"flow": flow.FlowMatching, "edm": edm.EDM, "reflow": reflow.Reflow, "meanflow": meanflow.MeanFlow}
 
 
 def add_flags(parser, formulations, spacings, default_spacing):
@@ -59,3 +33,5 @@ def add_flags(parser, formulations, spacings, default_spacing):
         "instead of the project's measured 2D defaults (docs/formulations.md)")
     flow.add_flags(group)
     edm.add_flags(group)
+    reflow.add_flags(group)
+    meanflow.add_flags(group)

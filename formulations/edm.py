@@ -32,6 +32,7 @@ import torch
 import datasets
 from engine import cli
 from extensions import dpm_solver, guidance as guided, ode
+from formulations.interface import Formulation
 
 P_MEAN, P_STD = -1.2, 1.2
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0   # the paper's grid (eq. 5)
@@ -52,7 +53,7 @@ def measure_sigma_data(config):
     return float(data.double().std())
 
 
-class EDM:
+class EDM(Formulation):
     """EDM as a formulation (formulations/__init__.py): training noise levels, the loss, samplers."""
     SAMPLERS = ode.SAMPLERS + dpm_solver.SAMPLERS
     FLAGS = ("sigma_max", "s_churn")
@@ -71,7 +72,7 @@ class EDM:
         self.precision = config.get("precision", "fp32")
 
     @staticmethod
-    def prepare(config):
+    def prepare(config, given=()):
         """config with sigma_data measured from the training data, and the grid's top."""
         if config.get("sigma_max") is None:
             config["sigma_max"] = TRAINED_SIGMA_MAX

@@ -26,17 +26,19 @@ import torch.nn.functional as F
 
 from engine import cli
 from extensions import dpm_solver, guidance as guided, ode, spacing
+from formulations.interface import Formulation
 
 TIMES = ("uniform", "logit_normal")
 SPACINGS = ("uniform", "quadratic")  # the sampling grid: t_i = 1 - i/n, or (1 - i/n)^2 (DPM-Solver++'s default)
 
 
 def add_flags(parser):
-    parser.add_argument("--flow_time", default=TIMES[0], choices=TIMES, help="--objective flow: its training times "
-                        "before the low-noise share, uniform or logit-normal(0, 1) (SD3's; image runs' default)")
+    parser.add_argument("--flow_time", default=TIMES[0], choices=TIMES, help="--objective flow and meanflow: the "
+                        "training times before the low-noise share, uniform or logit-normal (flow: (0, 1), SD3's; "
+                        "meanflow: (-0.4, 1), its paper's; image runs' default)")
 
 
-class FlowMatching:
+class FlowMatching(Formulation):
     """Flow matching as a formulation (formulations/__init__.py): training times, the loss, samplers."""
     SAMPLERS = ode.SAMPLERS + dpm_solver.SAMPLERS
     FLAGS = ("flow_time", "timestep_spacing")
@@ -53,10 +55,6 @@ class FlowMatching:
         if config.get("timestep_spacing") not in (None,) + SPACINGS:
             raise ValueError(f"--timestep_spacing {config['timestep_spacing']} is not one of --objective flow's: "
                              + ", ".join(SPACINGS))
-
-    @staticmethod
-    def prepare(config):  # nothing to measure before a run
-        return config
 
     @staticmethod
     def sampling_error(sampler, num_inference_steps, num_timesteps):  # any number of steps will do
@@ -106,6 +104,12 @@ class FlowMatching:
             raise ValueError(error or f"timestep_spacing {timestep_spacing!r} is not one of {SPACINGS}")
         x = torch.randn(shape, generator=generator, device=device)                    # x_1 ~ N(0, I)
         path = [x] if trajectory else None
+        x = self.solve(model, x, sampler, num_inference_steps, eta, timestep_spacing, generator, labels, guidance, path)
+        return torch.stack(path) if trajectory else x
+
+    def solve(self, model, x, sampler, num_inference_steps=None, eta=None, timestep_spacing=None, generator=None,
+              labels=None, guidance=None, path=None):
+        """x_0 from a given x_1 (reflow's pairs start here); path: a list that gets every step's x."""
         ramp = torch.linspace(1, 0, (num_inference_steps or self.DEFAULTS["num_inference_steps"]) + 1, dtype=torch.float64)
         quadratic = (timestep_spacing or spacing.DEFAULT.get(sampler, "uniform")) == "quadratic"  # DPM-Solver++'s
         grid = (ramp ** (2 if quadratic else 1)).tolist()
@@ -116,4 +120,4 @@ class FlowMatching:
                 return x - grid[i] * self.velocity(model, x, grid[i], labels, guidance)
             x = dpm_solver.solve(denoise, x, [(1 - t, t) for t in grid], sampler, dpm_solver.noise_level(sampler, eta),
                                  generator, path)
-        return torch.stack(path) if trajectory else x
+        return x

@@ -30,6 +30,9 @@ AUTOGUIDED_STEPS = 40  # an autoguided frame: 40 DDIM steps, 16 of them guided: 
 DDPM_ONLY = ("beta_schedule", "prediction", "min_snr_gamma", "sampler", "num_inference_steps", "eta")
 # flow matching and EDM on images: the samplers measured on MNIST (docs/formulations.md), not their 2D defaults
 OTHER_FORMULATIONS = {"sampler": "heun", "num_inference_steps": 25, "sigma_max": 80.0}
+# MeanFlow on images: frames at 2 evaluations, unguided (a guided step costs two); MeanFlow's
+# paper's adaptive loss weight (docs/one_step.md)
+ONE_STEP = {"meanflow": {"sampler": "average", "num_inference_steps": 2, "autoguidance": 1.0, "weight_power": 1.0}}
 
 
 def add_flags(parser):
@@ -74,7 +77,8 @@ def apply(config, given):
     ddpm = config.get("objective", "ddpm") == "ddpm"  # flow matching and EDM keep their own sampler and loss
     config = {**config, **{k: v for k, v in DEFAULTS.items() if k not in given and (ddpm or k not in DDPM_ONLY)}}
     if not ddpm:
-        config.update({k: v for k, v in OTHER_FORMULATIONS.items() if k not in given})
+        own = ONE_STEP.get(config.get("objective"), OTHER_FORMULATIONS)
+        config.update({k: v for k, v in own.items() if k not in given})
     if "num_epochs" not in given:
         n = min(config["dataset_size"], config.get("image_count") or image_data.count_images(config)
                 or config["dataset_size"])  # image_count: a folder's (datasets.describe)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from positional_embeddings import SinusoidalEmbedding
+from positional_embeddings import SeveralTimes, SinusoidalEmbedding
 
 
 def norm(channels):
@@ -60,14 +60,17 @@ class SelfAttention(nn.Module):
 
 class UNet(nn.Module):
     def __init__(self, channels=32, channel_mult=(1, 2, 2), depth=1, attention=True,
-                 num_classes=None, in_channels=1):
+                 num_classes=None, in_channels=1, time_inputs=1):
         super().__init__()
         C, emb_dim = channels, 4 * channels
         self.channels = C
         self.num_classes = num_classes
         self.null_label = num_classes  # the extra "no label" class of classifier-free guidance
         self.time_embedding = SinusoidalEmbedding(C, endpoint=False)  # no weights: not in the state_dict
-        self.time_mlp = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if time_inputs > 1:  # MeanFlow's (t, t - r): each embedded, side by side
+            self.time_embedding = SeveralTimes([SinusoidalEmbedding(C, endpoint=False) for _ in range(time_inputs)])
+        self.time_mlp = nn.Sequential(nn.Linear(self.time_embedding.output_size, emb_dim), nn.SiLU(),
+                                      nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         widths = [C * m for m in channel_mult]  # per level: 28x28, 14x14, 7x7
 
@@ -101,11 +104,11 @@ class UNet(nn.Module):
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 
-    def forward(self, x, t, y=None):  # x [B, C, H, W], t [B], y [B] or None -> [B, C, H, W]
+    def forward(self, x, t, y=None):  # x [B, C, H, W], t [B] (MeanFlow: [B, 2]), y [B] or None -> [B, C, H, W]
         emb = self.time_mlp(self.time_embedding(t))  # [B, E]
         if self.class_emb is not None:
             if y is None:
-                y = torch.full_like(t, self.null_label)
+                y = torch.full(t.shape[:1], self.null_label, device=t.device, dtype=torch.long)
             emb = emb + self.class_emb(y)
         h = self.stem(x)
         skips = [h]
@@ -133,4 +136,5 @@ def build_unet(config):
     return UNet(channels=config.get("unet_channels", 32), channel_mult=tuple(config.get("unet_mult", (1, 2, 2))),
                 depth=config.get("unet_depth", 1), attention=config.get("unet_attention") is not False,
                 num_classes=len(config.get("class_names") or range(10)) if config.get("class_conditional") else None,
-                in_channels=config.get("channels") or 1)  # MNIST: 10 classes, 1 channel; a folder: its own
+                in_channels=config.get("channels") or 1,  # MNIST: 10 classes, 1 channel; a folder: its own
+                time_inputs=config.get("time_inputs", 1))
