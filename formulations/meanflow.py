@@ -10,18 +10,19 @@ Flow matching learns the instantaneous velocity v(z_t, t); MeanFlow learns the A
   the identity      u(z_t, r, t) = v(z_t, t) - (t - r) d/dt u(z_t, r, t)   (d/dt of (t - r) u = int_r^t v; eq. 6)
                     d/dt u = v . d_z u + d_t u: the total derivative along the path         (eq. 7-8)
   the loss          || u_theta(z_t, r, t) - sg(u_tgt) ||^2,  u_tgt = v - (t - r)(v . d_z u_theta + d_t u_theta)
-                    (eq. 9-11), v the conditional velocity eps - x (eq. 11), the bracket ONE forward-mode Jacobian-vector
-                    product of u_theta with the tangent (v, 0, 1) in (z, r, t) (torch.func.jvp); sg: no gradient
+                    (eq. 9-11), v the conditional velocity eps - x (eq. 11), the bracket ONE forward-mode
+                    Jacobian-vector product of u_theta with the tangent (v, 0, 1) in (z, r, t) (torch.func.jvp)
   its weighting     sg(w) ||Delta||^2 with w = 1 / (||Delta||^2 + c)^p, c = 1e-3: their adaptive loss, p = 1 theirs,
                     --weight_power; 0, the plain squared error, is this project's 2D default (measured)
   the times         t, r: two draws (logit-normal(-0.4, 1), their default, or uniform), t the larger; only a share
                     --interval_fraction keeps r < t: the rest have r = t, where u = v and the loss is flow matching's
-  sampling          z_0 = z_1 - u(z_1, 0, 1): one evaluation (eq. 12, r = 0, t = 1); or n steps t_i = 1 - i/n along the average
-                    velocity, z_{t_{i+1}} = z_{t_i} - (t_i - t_{i+1}) u(z_{t_i}, t_{i+1}, t_i) (--sampler average);
+  sampling          z_0 = z_1 - u(z_1, 0, 1): one evaluation (eq. 12 at r = 0, t = 1); or n steps t_i = 1 - i/n
+                    along the average velocity (--sampler average),
+                    z_{t_{i+1}} = z_{t_i} - (t_i - t_{i+1}) u(z_{t_i}, t_{i+1}, t_i);
                     or Euler / Heun on the instantaneous velocity u(z, t, t) = v (extensions/ode.py)
-The network sees the two times as (1000 t, 1000 (t - r)), each with its own embedding (the MLP's and the U-Net's
-time_inputs 2, which prepare() puts in the config). tests/test_meanflow.py checks the target against the closed form
-of a Gaussian's average velocity.
+The network sees the two times as (10 t, 10 (t - r)) (TIME_SCALE; flow matching's 1000 t makes d_t u a thousand
+times larger and the training diverge), each with its own embedding (the MLP's and the U-Net's time_inputs 2, which
+prepare() puts in the config). tests/test_one_step.py checks the target against a Gaussian's closed form.
 """
 import torch
 
@@ -47,7 +48,7 @@ def add_flags(parser):
 
 
 def average_velocity(net, z, r, t, labels=None, precision="fp32"):
-    """u_theta(z, r, t) for z [B, ...], r and t [B] (or [1], shared by the batch): the network sees (1000 t, 1000 (t - r))."""
+    """u_theta(z, r, t) for z [B, ...], r and t [B] (or [1], shared by the batch): the network sees (s t, s (t - r))."""
     times = TIME_SCALE * torch.stack([t, t - r], dim=-1)  # [B, 2]
     with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         u = net(z, times) if labels is None else net(z, times, labels)
@@ -116,8 +117,8 @@ class MeanFlow(Formulation):
         z = (1 - expand(t, x_start)) * x_start + expand(t, x_start) * noise   # the path, flow.py's
         v = noise - x_start                                                 # dz_t/dt given x_0 and eps
         plain = getattr(net, "module", net)  # under DistributedDataParallel the target uses the model itself
-        with torch.no_grad():  # the target carries no gradient (sg)
-            target = meanflow_target(lambda z, r, t: average_velocity(plain, z, r, t, labels, self.precision), z, r, t, v)
+        with torch.no_grad():  # the target carries no gradient (sg); in float32 (bf16 autocast and the JVP of a
+            target = meanflow_target(lambda z, r, t: average_velocity(plain, z, r, t, labels), z, r, t, v)  # conv clash)
         error = (average_velocity(net, z, r, t, labels, self.precision) - target).flatten(1)
         squared = error.pow(2).sum(dim=1)                                   # ||Delta||^2 per example
         weight = (squared.detach() + ADAPTIVE_EPS) ** -self.weight_power  # 1 where p = 0

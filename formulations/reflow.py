@@ -35,10 +35,11 @@ PAIR_BATCH = 1000  # pairs made per call of the teacher's ODE
 FROM_TEACHER = ("dataset", "columns", "data_dir", "num_timesteps", "hidden_size", "hidden_layers", "embedding_size",
                 "time_embedding", "input_embedding", "input_scale", "class_conditional", "image_size", "channels",
                 "unet_channels", "unet_depth", "unet_attention")  # a flag among these must agree with the teacher
+# the student's own, not copied from the teacher (it samples unguided unless told)
 OWN = ("objective", "teacher", "experiment_name", "out_dir", "resume", "overwrite", "quiet", "device", "frame_worker",
        "compile", "precision", "paper_settings", "num_epochs", "dataset_size", "sampler", "num_inference_steps", "eta",
-       "timestep_spacing", "low_noise_fraction", "endpoint_fraction", "save_images_step", "checkpoint_every", "autoguidance", "guide_epoch",
-       "guidance_interval", "guide_x0_only")  # the student's, not copied (it samples unguided unless told)
+       "timestep_spacing", "low_noise_fraction", "endpoint_fraction", "save_images_step", "checkpoint_every",
+       "autoguidance", "guide_epoch", "guidance_interval", "guide_x0_only")
 
 
 def add_flags(parser):
@@ -99,14 +100,15 @@ class Reflow(flow.FlowMatching):
         for key in ("save_images_step", "checkpoint_every"):
             if key not in given:
                 student[key] = min(teacher.get(key, student[key]), student["num_epochs"])
-        return {k: v for k, v in student.items() if k not in ("sigma_data",)}
+        return student
 
     def training_data(self, model, data, labels):
         """The teacher's weights into `model`, and --dataset_size pairs (x_0, x_1) [N, 2, ...] made by its ODE (with
         the data's labels, cycled, for a class-conditional teacher): what the loss below trains on."""
         path = self.config["teacher"]
         teacher_config = read_teacher(path)
-        weights = os.path.join(path, "model_ema.pth" if os.path.exists(os.path.join(path, "model_ema.pth")) else "model.pth")
+        ema = os.path.join(path, "model_ema.pth")
+        weights = ema if os.path.exists(ema) else os.path.join(path, "model.pth")
         checkpoints.load_weights(model, checkpoints.safe_load(weights), weights)
         teacher = flow.FlowMatching(teacher_config, self.device)
         n = self.config["dataset_size"]
@@ -120,7 +122,7 @@ class Reflow(flow.FlowMatching):
                               labels=None if pair_labels is None else pair_labels[i:i + PAIR_BATCH])
                 for i in range(0, n, PAIR_BATCH)])                                                   # x_0
         evaluations = 2 * TEACHER["num_inference_steps"] - 1
-        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank makes the same pairs; one says so
+        if int(os.environ.get("RANK", 0)) == 0 and not self.config.get("quiet"):  # every rank makes them; one says so
             print(f"reflow: {n:,} pairs from {path}'s ODE ({TEACHER['sampler']}, {evaluations} evaluations each: "
                   f"{n * evaluations:,} network evaluations of one example) in {time.time() - started:.1f} s", flush=True)
         return torch.stack([x_start, noise], dim=1).clone(), pair_labels
