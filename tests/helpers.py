@@ -1,6 +1,7 @@
 """Running the command-line tools in a subprocess, as a user would."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -103,3 +104,22 @@ class ExactGaussianDenoiser(torch.nn.Module):
         eps = (1 - abar).sqrt() * (x - abar.sqrt() * self.mu) / (abar * self.var + 1 - abar)
         x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
         return {"epsilon": eps, "x0": x0, "v": abar.sqrt() * eps - (1 - abar).sqrt() * x0}[self.s.prediction]
+
+
+def stop_after_step(monkeypatch, step, start_run):
+    """start_run() with a stop requested after training step `step`, as a Ctrl-C between two steps is (the flag the
+    SIGINT handler sets): it must write its checkpoint and exit 130. The real Run.after_step is back afterwards."""
+    import pytest
+    from engine import experiment
+    after_step = experiment.Run.after_step
+
+    def stopping(run, epoch, batch, done, perm):
+        if done == step:
+            run.stop_request.signal = signal.SIGINT
+        return after_step(run, epoch, batch, done, perm)
+
+    monkeypatch.setattr(experiment.Run, "after_step", stopping)
+    with pytest.raises(SystemExit) as stopped:
+        start_run()
+    monkeypatch.setattr(experiment.Run, "after_step", after_step)
+    assert stopped.value.code == 130

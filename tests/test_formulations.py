@@ -5,7 +5,6 @@ out here (a closed form, a loop by hand, a count, a rank's own record) or is the
 an output of the code under test taken as the answer."""
 import math
 import os
-import signal
 import subprocess
 import sys
 
@@ -15,11 +14,11 @@ import torch
 
 import datasets
 import ddpm
-from engine import experiment, frames
+from engine import frames
 from extensions import ode
 from extensions.guidance import Guidance
 from formulations import edm, flow
-from helpers import ROOT, outputs, parse_config, write_fake_mnist
+from helpers import ROOT, outputs, parse_config, stop_after_step, write_fake_mnist
 from test_objectives import MU, STD, ExactF, ExactVelocity
 
 OBJECTIVES = ("ddpm", "flow", "edm")
@@ -73,19 +72,8 @@ def test_a_run_stopped_mid_epoch_and_resumed_matches_the_uninterrupted_run(objec
     each formulation's training times all come back from the checkpoint."""
     flags = [*SMALL, "--num_epochs", "3", "--objective", objective, *steps_flags(objective)]
     run_in_process(tmp_path, "whole", *flags)
-    after_step = experiment.Run.after_step
-
-    def stop_after_step_6(run, epoch, batch, step, perm):
-        if step == 6:
-            run.stop_request.signal = signal.SIGINT  # what the SIGINT handler sets
-        return after_step(run, epoch, batch, step, perm)
-
-    monkeypatch.setattr(experiment.Run, "after_step", stop_after_step_6)
-    with pytest.raises(SystemExit) as stopped:
-        run_in_process(tmp_path, "cut", *flags)
-    assert stopped.value.code == 130
+    stop_after_step(monkeypatch, 6, lambda: run_in_process(tmp_path, "cut", *flags))
     assert len(np.load(tmp_path / "cut" / "loss.npy")) == 6  # the outputs so far: it did stop part way
-    monkeypatch.setattr(experiment.Run, "after_step", after_step)
     run_in_process(tmp_path, "cut", "--resume", "--quiet", "--frame_worker", "off", "--compile", "off")
     config, loss_whole, frames_whole = outputs(tmp_path / "whole")
     _, loss_cut, frames_cut = outputs(tmp_path / "cut")

@@ -6,7 +6,6 @@ so the velocity, the average velocity over any (r, t) and the straight coupling 
 below. Every expected value is one of those, or the teacher's own sampler run here, never the code's output."""
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -15,9 +14,8 @@ import pytest
 import torch
 
 import ddpm
-from engine import experiment
 from formulations import flow, meanflow, reflow
-from helpers import ROOT, outputs
+from helpers import ROOT, outputs, stop_after_step
 
 MU, S = 1.5, 0.5  # the data: N(MU, S^2) in each coordinate
 SMALL = ["--dataset_size", "128", "--train_batch_size", "32", "--eval_batch_size", "32", "--save_images_step", "1",
@@ -267,18 +265,7 @@ def test_a_resumed_reflow_or_meanflow_run_matches_the_uninterrupted_one(objectiv
     flags = ["--objective", objective, *SMALL, "--num_inference_steps", "2", "--num_epochs", "3"]
     flags += ["--teacher", str(teacher)] if objective == "reflow" else []
     ddpm.main(["--out_dir", str(tmp_path), "--experiment_name", "whole", *flags])
-    after_step = experiment.Run.after_step
-
-    def stop_after_step_6(run, epoch, batch, step, perm):
-        if step == 6:
-            run.stop_request.signal = signal.SIGINT  # what the SIGINT handler sets
-        return after_step(run, epoch, batch, step, perm)
-
-    monkeypatch.setattr(experiment.Run, "after_step", stop_after_step_6)
-    with pytest.raises(SystemExit) as stopped:
-        ddpm.main(["--out_dir", str(tmp_path), "--experiment_name", "cut", *flags])
-    assert stopped.value.code == 130
-    monkeypatch.setattr(experiment.Run, "after_step", after_step)
+    stop_after_step(monkeypatch, 6, lambda: ddpm.main(["--out_dir", str(tmp_path), "--experiment_name", "cut", *flags]))
     ddpm.main(["--out_dir", str(tmp_path), "--experiment_name", "cut", "--resume", "--quiet", "--frame_worker", "off",
                "--compile", "off"])
     config, loss_whole, frames_whole = outputs(tmp_path / "whole")
